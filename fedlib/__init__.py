@@ -1,0 +1,28 @@
+"""fedlib: Federated Averaging (McMahan et al., AISTATS 2017) in small, readable PyTorch.
+
+One module per concept:
+
+- ``fedlib.data``: MNIST, Fashion-MNIST, CIFAR-10 as whole tensors on the device
+- ``fedlib.partition``: IID, pathological non-IID shards, Dirichlet, unbalanced splits
+- ``fedlib.models``: the paper's 2NN and CNN, and the reproduction's small models
+- ``fedlib.client``: ClientUpdate, one client's E epochs of minibatch SGD
+- ``fedlib.server``: the FedAvg round and the training loop ``run``
+- ``fedlib.metrics``: evaluation, the per-round History, rounds to a target accuracy
+"""
+
+__version__ = "0.1.0"
+
+from fedlib.client import ClientResult, local_update
+from fedlib.data import Dataset, DatasetNotFoundError, load_dataset
+from fedlib.metrics import History, RoundRecord, evaluate, rounds_to_target
+from fedlib.models import build_model, count_parameters, model_bytes
+from fedlib.partition import class_counts, dirichlet, iid, make_partition, shards, unbalanced
+from fedlib.runtime import get_device, set_threads
+from fedlib.server import FedAvgConfig, fedavg, run, sample_clients
+
+__all__ = [
+    "ClientResult", "Dataset", "DatasetNotFoundError", "FedAvgConfig", "History", "RoundRecord",
+    "build_model", "class_counts", "count_parameters", "dirichlet", "evaluate", "fedavg", "get_device",
+    "iid", "load_dataset", "local_update", "make_partition", "model_bytes", "rounds_to_target", "run",
+    "sample_clients", "set_threads", "shards", "unbalanced",
+]

@@ -1,0 +1,95 @@
+"""ClientUpdate: what one client does in a round of FedAvg.
+
+The paper's Algorithm 1, client side::
+
+    ClientUpdate(k, w):                 # run on client k
+        B <- split P_k into batches of size B
+        for each local epoch i from 1 to E:
+            for batch b in B:
+                w <- w - eta * grad l(w; b)
+        return w to server
+
+``local_update`` is exactly that, in plain PyTorch, one client at a time. It is the
+readable reference; ``fedlib.engine`` runs many clients at once and is tested
+equal to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientResult:
+    """What a client sends back: its new weights w_k, its n_k and its mean training loss."""
+
+    weights: Weights
+    num_examples: int
+    train_loss: float
+
+
+def check_hyperparameters(epochs: int, batch_size: int | None, lr: float,
+                          momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    """Raise ValueError naming any local-training parameter outside its range."""
+    if epochs < 1:
+        raise ValueError(f"epochs (E) must be >= 1, got {epochs}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size (B) must be >= 1 or None for B = infinity, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr (eta) must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def epoch_batches(num_examples: int, batch_size: int | None,
+                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One epoch's minibatches: a fresh shuffle of 0..n_k-1 cut into pieces of B.
+
+    ``batch_size=None`` is the paper's B = infinity: the whole local set as one batch.
+    The last batch is smaller when B does not divide n_k. Indices are drawn on the
+    CPU so the same generator gives the same batches on every device.
+    """
+    order = torch.randperm(num_examples, generator=generator)
+    if batch_size is None:
+        return [order]
+    return list(order.split(batch_size))
+
+
+def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                 batch_size: int | None, lr: float, weights: Weights | None = None,
+                 momentum: float = 0.0, weight_decay: float = 0.0,
+                 generator: torch.Generator | None = None) -> ClientResult:
+    """Run E epochs of minibatch SGD on one client's data and return its new weights.
+
+    model: the architecture; it starts from ``weights`` (the global w_t) if given,
+        else from its current weights, and is trained in place.
+    x: (n_k, C, H, W) the client's images; y: (n_k,) their labels.
+    epochs: E; batch_size: B (None = infinity); lr: eta.
+    momentum, weight_decay: off by default, as in the paper's plain SGD.
+    generator: the random stream for shuffling (one per client and round).
+    """
+    check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n_k = len(y)
+    total_loss = torch.zeros((), device=y.device)
+    for _ in range(epochs):
+        for batch in epoch_batches(n_k, batch_size, generator):
+            batch = batch.to(y.device)
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(batch)
+    new_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return ClientResult(new_weights, n_k, total_loss.item() / (epochs * n_k))

@@ -1,0 +1,145 @@
+"""Datasets as whole tensors on the device.
+
+``load_dataset`` reads MNIST, Fashion-MNIST or CIFAR-10 with ``torchvision`` and
+returns the full train and test sets as normalised float tensors with int64
+labels. Holding everything as one tensor means a client's data is just an index
+array into it: no DataLoader and no per-sample transform runs during training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from fedlib.runtime import get_device
+
+# Per-channel mean and standard deviation of each training set (pixel values in [0, 1]).
+NORMALIZATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+DATASETS = tuple(NORMALIZATION)
+
+_TORCHVISION_CLASS = {
+    "mnist": torchvision.datasets.MNIST,
+    "fashion-mnist": torchvision.datasets.FashionMNIST,
+    "cifar10": torchvision.datasets.CIFAR10,
+}
+
+_REQUIRED_FILES = {
+    "mnist": [f"MNIST/raw/{f}" for f in
+              ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")],
+    "fashion-mnist": [f"FashionMNIST/raw/{f}" for f in
+                      ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")],
+    "cifar10": [f"cifar-10-batches-py/{f}" for f in
+                ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                 "data_batch_5", "test_batch", "batches.meta")],
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset files are missing and could not be downloaded."""
+
+
+@dataclass
+class Dataset:
+    """A whole dataset held as tensors.
+
+    ``x_train``: (N, C, H, W) float32, normalised; ``y_train``: (N,) int64.
+    ``x_test`` and ``y_test`` likewise for the test set (10,000 images for all three).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: str | torch.device) -> "Dataset":
+        """The same dataset with every tensor moved to ``device``."""
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device),
+                       self.x_test.to(device), self.y_test.to(device), self.classes)
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: ``root`` if given, else ``$FEDLIB_DATA``, else ``./data``."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("FEDLIB_DATA") or "data")
+
+
+def _not_found_message(name: str, root: Path, cause: BaseException) -> str:
+    folder = _REQUIRED_FILES[name][0].split("/")[0]
+    needed = "\n".join(f"  {root / f}" for f in _REQUIRED_FILES[name])
+    return (
+        f"{name} not found under {root.resolve()} and it could not be downloaded "
+        f"({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else 'no detail'}).\n"
+        f"It needs these files:\n{needed}\n"
+        "Fix it one of two ways:\n"
+        f"  1. run once with network access, and torchvision downloads them into {root.resolve()};\n"
+        f"  2. point FEDLIB_DATA (or root=) at a folder that already holds {folder}/..., "
+        "for example FEDLIB_DATA=../shared/data."
+    )
+
+
+def _read_torchvision(name: str, root: Path, train: bool, download: bool):
+    cls = _TORCHVISION_CLASS[name]
+    try:
+        return cls(str(root), train=train, download=False)
+    except RuntimeError as missing:
+        if not download:
+            raise DatasetNotFoundError(_not_found_message(name, root, missing)) from None
+    try:
+        return cls(str(root), train=train, download=True)
+    except Exception as failed:  # network errors come as URLError, RuntimeError, OSError...
+        raise DatasetNotFoundError(_not_found_message(name, root, failed)) from None
+
+
+def _to_tensors(name: str, raw) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> normalised float32 (N, C, H, W); labels -> int64 (N,)."""
+    images = torch.as_tensor(np.asarray(raw.data))
+    if images.ndim == 3:                      # MNIST: (N, 28, 28) -> (N, 1, 28, 28)
+        images = images.unsqueeze(1)
+    else:                                     # CIFAR: (N, 32, 32, 3) -> (N, 3, 32, 32)
+        images = images.permute(0, 3, 1, 2)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALIZATION[name])
+    x = (images.float() / 255.0 - mean) / std
+    y = torch.as_tensor(np.asarray(raw.targets), dtype=torch.int64)
+    return x.contiguous(), y
+
+
+def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, download: bool = True) -> Dataset:
+    """Load a whole dataset as tensors on ``device`` (None: cuda if available, else cpu).
+
+    name: ``mnist``, ``fashion-mnist`` or ``cifar10``. root: see :func:`data_root`.
+    With the files present nothing touches the network; with them missing,
+    torchvision tries to download them (unless ``download=False``), and if that
+    fails a :class:`DatasetNotFoundError` says where we looked and how to fix it.
+    """
+    if name not in NORMALIZATION:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    folder = data_root(root)
+    train = _read_torchvision(name, folder, train=True, download=download)
+    test = _read_torchvision(name, folder, train=False, download=download)
+    x_train, y_train = _to_tensors(name, train)
+    x_test, y_test = _to_tensors(name, test)
+    dev = get_device(device)
+    return Dataset(name, x_train, y_train, x_test, y_test, list(train.classes)).to(dev)

@@ -1,0 +1,169 @@
+"""Measuring a run: test accuracy, the per-round history, rounds to a target.
+
+A :class:`History` holds one :class:`RoundRecord` per round together with the full
+configuration and the library versions, and saves to / loads from JSON.
+:func:`rounds_to_target` reads off how many rounds a run needed, the paper's way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy loss of ``model`` on (x, y), in large batches.
+
+    x: (N, C, H, W); y: (N,). No autograd, dropout off (``model.eval()``).
+    """
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    total_loss = torch.zeros((), device=y.device)
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(1) == target).sum()
+    return correct.item() / len(y), total_loss.item() / len(y)
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round t.
+
+    test_accuracy / test_loss are None in rounds that were not evaluated
+    (see ``eval_every``). bytes_uploaded is cumulative: every selected client
+    uploads its whole model (float32) once per round.
+    """
+
+    round: int
+    clients: list[int]
+    test_accuracy: float | None
+    test_loss: float | None
+    train_loss: float
+    seconds: float
+    bytes_uploaded: int
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the numbers a run produces."""
+    from fedlib import __version__
+    return {"fedlib": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class History:
+    """The whole record of a run: its configuration, versions and one record per round."""
+
+    config: dict[str, Any]
+    records: list[RoundRecord] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=versions)
+    device: str = "cpu"
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the final global model, not saved
+
+    def evaluated(self) -> list[RoundRecord]:
+        """The records of the rounds in which the global model was evaluated."""
+        return [r for r in self.records if r.test_accuracy is not None]
+
+    @property
+    def rounds(self) -> list[int]:
+        """Evaluated round numbers (x axis of an accuracy curve)."""
+        return [r.round for r in self.evaluated()]
+
+    @property
+    def accuracies(self) -> list[float]:
+        """Test accuracy at each evaluated round."""
+        return [r.test_accuracy for r in self.evaluated()]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        acc = self.accuracies
+        return acc[-1] if acc else None
+
+    @property
+    def best_accuracy(self) -> float | None:
+        acc = self.accuracies
+        return max(acc) if acc else None
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "versions": self.versions, "device": self.device,
+                "records": [asdict(r) for r in self.records]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "History":
+        return cls(config=data["config"], records=[RoundRecord(**r) for r in data["records"]],
+                   versions=data.get("versions", {}), device=data.get("device", "cpu"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the history as JSON, whole or not at all."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "History":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so a reader
+    (or a crash) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def rounds_to_target(history: History | Sequence[float] | Iterable[tuple[int, float]],
+                     target: float) -> float | None:
+    """Rounds needed to reach ``target`` test accuracy, computed as in the paper.
+
+    The accuracy curve is first made monotone (best accuracy so far), then the
+    crossing is linearly interpolated between the last evaluated round below the
+    target and the first at or above it. Returns None when the target is never
+    reached. ``history`` may be a History, a list of accuracies for rounds 1, 2, ...,
+    or (round, accuracy) pairs.
+    """
+    if isinstance(history, History):
+        points = list(zip(history.rounds, history.accuracies))
+    else:
+        items = list(history)
+        points = [tuple(p) for p in items] if items and isinstance(items[0], (tuple, list)) \
+            else list(enumerate(items, start=1))
+    best = -np.inf
+    previous = None
+    for rnd, acc in points:
+        best = max(best, acc)
+        if best >= target:
+            if previous is None or previous[1] == best:
+                return float(rnd)
+            r0, a0 = previous
+            return float(r0 + (target - a0) / (best - a0) * (rnd - r0))
+        previous = (rnd, best)
+    return None

@@ -1,0 +1,149 @@
+"""The models of the paper and of the most-used PyTorch reproduction.
+
+Every model maps a batch of images (B, C, H, W) to logits (B, num_classes);
+the loss is cross-entropy on the logits.
+
+=============  =================================================  ===========
+name           architecture                                       parameters
+=============  =================================================  ===========
+``2nn``        paper: 784-200-200-10 MLP, ReLU                    199,210
+``cnn``        paper: conv5x5(32)-pool-conv5x5(64)-pool-fc512-fc  1,663,370
+``mlp``        reproduction: 784-200-10, dropout 0.5              159,010
+``cnn-small``  reproduction: conv(10)-conv(20)-fc50-fc10, dropout  21,840
+``cifar-cnn``  conv(6)-conv(16)-fc120-fc84-fc10 for 3x32x32        62,006
+=============  =================================================  ===========
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TwoNN(nn.Module):
+    """The paper's "2NN": two hidden layers of 200 units with ReLU (199,210 parameters)."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 200, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, 1, 28, 28) -> (B, 10)
+        x = x.flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class CNN(nn.Module):
+    """The paper's CNN: two 5x5 convolutions (32, 64 channels, "same" padding), each
+    followed by 2x2 max pooling, a 512-unit ReLU layer and a softmax output
+    (1,663,370 parameters)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, 1, 28, 28) -> (B, 10)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)        # (B, 32, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)        # (B, 64, 7, 7)
+        x = F.relu(self.fc1(x.flatten(1)))                # (B, 512)
+        return self.fc2(x)
+
+
+class MLPDropout(nn.Module):
+    """The reproduction's MLP: one hidden layer of 200, dropout 0.5 (159,010 parameters)."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 200, num_classes: int = 10, p: float = 0.5):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.dropout = nn.Dropout(p)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.dropout(self.fc1(x.flatten(1))))
+        return self.fc2(x)
+
+
+class SmallCNN(nn.Module):
+    """The reproduction's CNN for 1x28x28 input: conv5x5(10)-pool-conv5x5(20)-dropout-pool,
+    fc 50 with dropout, fc 10 (21,840 parameters)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc1_drop = nn.Dropout()
+        self.fc2 = nn.Linear(50, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))                   # (B, 10, 12, 12)
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))  # (B, 20, 4, 4)
+        x = self.fc1_drop(F.relu(self.fc1(x.flatten(1))))            # (B, 50)
+        return self.fc2(x)
+
+
+class CifarCNN(nn.Module):
+    """A small CIFAR-10 CNN (the PyTorch tutorial's): conv5x5(6)-pool-conv5x5(16)-pool,
+    fc 120, fc 84, fc 10 (62,006 parameters)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, 3, 32, 32) -> (B, 10)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)        # (B, 6, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)        # (B, 16, 5, 5)
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+MODELS = {"2nn": TwoNN, "cnn": CNN, "mlp": MLPDropout, "cnn-small": SmallCNN, "cifar-cnn": CifarCNN}
+
+
+def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """Build a model by name (see the table in this module's docstring).
+
+    input_shape: (C, H, W) of one image; None means each model's own
+    (1, 28, 28) for the MNIST models, (3, 32, 32) for ``cifar-cnn``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    if input_shape is None:
+        return MODELS[name](num_classes=num_classes)
+    channels, height, width = input_shape
+    if name in ("2nn", "mlp"):
+        return MODELS[name](in_features=channels * height * width, num_classes=num_classes)
+    if name == "cnn":
+        return CNN(in_channels=channels, num_classes=num_classes, image_size=height)
+    expected = (3, 32, 32) if name == "cifar-cnn" else (1, 28, 28)
+    if tuple(input_shape) != expected:
+        raise ValueError(f"input_shape for {name} must be {expected}, got {tuple(input_shape)}")
+    return MODELS[name](num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of trainable numbers in ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes one client uploads per round: every parameter as float32 (4 bytes)."""
+    return 4 * count_parameters(model)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` uses dropout, so its training step is random."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
