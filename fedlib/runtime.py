@@ -28,18 +28,20 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def set_threads(num_threads: int | None = None) -> int:
-    """Fix PyTorch's CPU thread count and return it.
+    """Fix PyTorch's CPU thread count (default 1) and return it.
 
-    The models of the paper are tiny (a 2NN step on B=10 is ~12 MFLOP), so on a
-    small machine the cost of waking and synchronising intra-op threads is a large
-    share of every operation, and threads fighting other processes for cores
-    (a notebook kernel, a test worker) make it worse. One thread per physical core,
-    capped at 4, was the fastest setting we measured on a 2-core machine; see
-    ``benchmarks/README.md``. ``FEDLIB_THREADS`` overrides it.
+    The paper's models are tiny (a 2NN step on B=10 is ~12 MFLOP), so most of a
+    step's cost is overhead, and intra-op threads must wake and synchronise on
+    every operation. When anything else competes for the cores (a notebook
+    kernel, a test worker, the operating system) that synchronisation stalls: on
+    our 2-core machine, two rounds of the 2NN (C=0.1, E=1, B=10) took 0.7 s with
+    1 thread and 29.7 s with 2 threads while another process was busy. One thread
+    is never far from the best and never that bad; set ``FEDLIB_THREADS`` (or pass
+    ``num_threads``) for large models on an otherwise idle machine.
     """
     if num_threads is None:
         env = os.environ.get("FEDLIB_THREADS")
-        num_threads = int(env) if env else min(4, os.cpu_count() or 1)
+        num_threads = int(env) if env else 1
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     torch.set_num_threads(num_threads)
