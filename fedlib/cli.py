@@ -62,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     train.add_argument("--model", choices=tuple(MODELS), default=d.model)
     train.add_argument("--partition", choices=PARTITIONS, default=d.partition)
-    train.add_argument("--clients", "--num-clients", dest="num_clients", type=_number(int, 1), default=d.num_clients,
+    train.add_argument("--clients", dest="num_clients", type=_number(int, 1), default=d.num_clients,
                        help="K, the number of clients (default %(default)s)")
     train.add_argument("--frac", type=_number(float, 0, 1), default=d.frac,
                        help="C, the fraction of clients per round; 0 means one client (default %(default)s)")
-    train.add_argument("--epochs", "--local-epochs", dest="local_epochs", type=_number(int, 1), default=d.local_epochs,
+    train.add_argument("--epochs", dest="local_epochs", type=_number(int, 1), default=d.local_epochs,
                        help="E, local epochs per round (default %(default)s)")
     train.add_argument("--batch-size", type=_batch_size, default=d.batch_size,
                        help="B, local minibatch size, or 'inf' for the whole local set (default %(default)s)")

@@ -1,0 +1,166 @@
+"""The FedAvg algorithm: the weighted average, client sampling, ClientUpdate, FedSGD."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fedlib.client import epoch_batches, local_update
+from fedlib.data import Dataset
+from fedlib.models import build_model
+from fedlib.server import FedAvgConfig, fedavg, num_selected, run, run_round, sample_clients
+
+
+def test_fedavg_matches_a_hand_computation():
+    w1 = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}
+    w2 = {"a": torch.tensor([3.0, 6.0]), "b": torch.tensor(-1.0)}
+    avg = fedavg([w1, w2], [1, 3])          # weights n_k / m_t = 1/4 and 3/4
+    assert torch.allclose(avg["a"], torch.tensor([2.5, 5.0]))
+    assert torch.allclose(avg["b"], torch.tensor(0.0))
+
+
+def test_fedavg_equal_sizes_is_the_plain_mean_and_single_client_is_identity():
+    ws = [{"w": torch.randn(3, 4)} for _ in range(5)]
+    assert torch.allclose(fedavg(ws, [7] * 5)["w"], torch.stack([w["w"] for w in ws]).mean(0), atol=1e-6)
+    assert torch.equal(fedavg(ws[:1], [42])["w"], ws[0]["w"])
+
+
+def test_fedavg_unequal_sizes_weigh_by_n_k():
+    ws = [{"w": torch.full((2,), float(i))} for i in range(3)]
+    n = [100, 300, 600]
+    expected = (0 * 100 + 1 * 300 + 2 * 600) / 1000
+    assert torch.allclose(fedavg(ws, n)["w"], torch.full((2,), expected))
+
+
+@pytest.mark.parametrize("weights, n, message", [
+    ([], [], "at least one client"),
+    ([{"w": torch.ones(1)}], [1, 2], "one n_k per client"),
+    ([{"w": torch.ones(1)}], [0], "positive sum"),
+    ([{"w": torch.ones(1)}, {"w": torch.ones(1)}], [-1, 3], ">= 0"),
+])
+def test_fedavg_bad_input(weights, n, message):
+    with pytest.raises(ValueError, match=message):
+        fedavg(weights, n)
+
+
+@pytest.mark.parametrize("K, C, m", [(100, 0.1, 10), (100, 0.0, 1), (100, 1.0, 100), (100, 0.05, 5), (10, 0.01, 1)])
+def test_sample_clients_takes_max_CK_1_distinct_clients(K, C, m):
+    selected = sample_clients(K, C, np.random.default_rng(0))
+    assert num_selected(K, C) == m and len(selected) == m
+    assert len(set(selected.tolist())) == m and selected.min() >= 0 and selected.max() < K
+
+
+def test_sample_clients_bad_fraction():
+    with pytest.raises(ValueError, match=r"frac \(C\) must be in \[0, 1\]"):
+        sample_clients(100, 1.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="num_clients"):
+        sample_clients(0, 0.1, np.random.default_rng(0))
+
+
+def test_epoch_batches_cover_the_client_once_per_epoch():
+    batches = epoch_batches(25, 10, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [10, 10, 5]
+    assert sorted(torch.cat(batches).tolist()) == list(range(25))
+    assert len(epoch_batches(25, None)) == 1        # B = infinity: one batch
+
+
+def small_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Dataset("mnist", x, y, x[:40], y[:40], [str(i) for i in range(10)])
+
+
+def test_local_update_is_E_epochs_of_minibatch_sgd():
+    data = small_data(30)
+    torch.manual_seed(0)
+    model = build_model("2nn")
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = local_update(model, data.x_train, data.y_train, weights=w0, epochs=2, batch_size=10, lr=0.05,
+                          generator=torch.Generator().manual_seed(1))
+    # The same steps written out by hand: 2 epochs x 3 batches of plain SGD.
+    reference = build_model("2nn")
+    reference.load_state_dict(w0)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for batch in epoch_batches(30, 10, generator):
+            reference.zero_grad()
+            F.cross_entropy(reference(data.x_train[batch]), data.y_train[batch]).backward()
+            with torch.no_grad():
+                for p in reference.parameters():
+                    p -= 0.05 * p.grad
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(result.weights[name], value, atol=1e-6), name
+    assert result.num_examples == 30 and result.train_loss > 0
+    assert not torch.equal(result.weights["fc1.weight"], w0["fc1.weight"])
+
+
+def test_local_update_momentum_and_weight_decay_change_the_result():
+    data = small_data(30)
+    runs = []
+    for options in ({}, {"momentum": 0.9}, {"weight_decay": 0.1}):
+        torch.manual_seed(0)
+        model = build_model("2nn")
+        runs.append(local_update(model, data.x_train, data.y_train, epochs=2, batch_size=10, lr=0.05,
+                                 generator=torch.Generator().manual_seed(1), **options).weights["fc1.weight"])
+    assert not torch.allclose(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"epochs": 0}, r"epochs \(E\) must be >= 1"),
+    ({"batch_size": 0}, r"batch_size \(B\) must be >= 1"),
+    ({"lr": 0.0}, r"lr \(eta\) must be > 0"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+])
+def test_local_update_bad_hyperparameters(options, message):
+    data = small_data(10)
+    kwargs = {"epochs": 1, "batch_size": 5, "lr": 0.1} | options
+    with pytest.raises(ValueError, match=message):
+        local_update(build_model("2nn"), data.x_train, data.y_train, **kwargs)
+
+
+def test_fedsgd_with_all_clients_is_one_full_batch_gradient_step():
+    """E=1, B=infinity, C=1: the n_k-weighted average of the clients' one-step updates
+    equals one gradient step on the union of their data (the paper's FedSGD)."""
+    data = small_data(120)
+    client_indices = [torch.arange(0, 17), torch.arange(17, 60), torch.arange(60, 61), torch.arange(61, 120)]
+    config = FedAvgConfig(num_clients=4, frac=1.0, local_epochs=1, batch_size=None, lr=0.3, engine="sequential")
+    torch.manual_seed(0)
+    model = build_model("2nn")
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    w_next, _ = run_round(model, w_t, data, client_indices, np.arange(4), config, t=1)
+
+    model.load_state_dict(w_t)
+    model.zero_grad()
+    F.cross_entropy(model(data.x_train), data.y_train).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(w_next[name], w_t[name] - 0.3 * p.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_clients", 0, r"num_clients \(K\) must be >= 1"),
+    ("frac", -0.1, r"frac \(C\) must be in \[0, 1\]"),
+    ("rounds", 0, "rounds must be >= 1"),
+    ("local_epochs", 0, r"epochs \(E\) must be >= 1"),
+    ("batch_size", -2, r"batch_size \(B\)"),
+    ("lr", -1.0, r"lr \(eta\) must be > 0"),
+    ("eval_every", 0, "eval_every must be >= 1"),
+    ("model", "vgg", "model must be one of"),
+    ("partition", "x", "partition must be one of"),
+    ("dataset", "svhn", "dataset must be one of"),
+    ("engine", "fast", "engine must be one of"),
+    ("target", 1.5, r"target must be in \(0, 1\]"),
+    ("seed", -1, "seed must be >= 0"),
+])
+def test_config_rejects_out_of_range_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FedAvgConfig(**{field: value}).validate()
+
+
+def test_run_with_all_clients_every_round():
+    data = small_data(120)
+    config = FedAvgConfig(num_clients=4, frac=1.0, rounds=2, batch_size=None, lr=0.1, device="cpu")
+    history = run(config, data, progress=False)
+    assert [r.clients for r in history.records] == [[0, 1, 2, 3]] * 2
+    assert history.records[-1].bytes_uploaded == 2 * 4 * 4 * 199_210
