@@ -103,7 +103,50 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--target", type=_number(float, 0, 1, low_open=True), default=None,
                       help="draw a horizontal line at this accuracy")
     plot.add_argument("--title", default="Test accuracy per round")
+    rep = commands.add_parser("reproduce", help="run the paper's MNIST tables (resumable) or compare with them")
+    rep.add_argument("--table", choices=("1", "2"), required=True, help="Table 1 (effect of C) or 2 (effect of E, B)")
+    rep.add_argument("--model", choices=("2nn", "cnn"), default=None, help="only this model's rows")
+    rep.add_argument("--partition", choices=("iid", "shards"), default=None, help="only IID or only non-IID")
+    rep.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these settings (see --list)")
+    rep.add_argument("--lr", nargs="+", type=_number(float, 0, low_open=True), default=None,
+                     help="learning rates to try (default: each setting's grid)")
+    rep.add_argument("--seeds", nargs="+", type=_number(int, 0), default=[0])
+    rep.add_argument("--max-rounds", type=_number(int, 1), default=None, help="a lower round cap (quick checks)")
+    rep.add_argument("--out", default="results/reproduce", help="one JSON file per run (default %(default)s)")
+    rep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    rep.add_argument("--threads", type=_number(int, 1), default=None, help="CPU threads for torch")
+    rep.add_argument("--list", action="store_true", help="list the runs and whether each is done, then exit")
+    rep.add_argument("--summary", action="store_true", help="compare saved results with the paper, then exit")
+    rep.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlib import reproduce as R
+    from fedlib.runtime import set_threads
+
+    settings = R.select(R.paper_settings(args.table), args.model, args.partition, args.only)
+    if args.summary:
+        for row in R.comparison_rows(args.table, args.out, args.seeds[0]):
+            if row["setting"] in {s.name for s in settings}:
+                ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
+                print(f"{row['setting']:32s} paper {str(row['paper'] or '--'):>5s}  ours {row['ours']}{ratio}")
+        return 0
+    if args.list:
+        for s in settings:
+            for lr in args.lr or s.learning_rates():
+                for seed in args.seeds:
+                    done = (Path(args.out) / f"{R.run_id(s, lr, seed)}.json").exists()
+                    print(f"{'done   ' if done else 'pending'} {R.run_id(s, lr, seed)}  (cap {s.round_cap} rounds)")
+        return 0
+    set_threads(args.threads)
+    results = R.sweep(settings, args.out, args.lr, args.seeds, args.device, args.max_rounds,
+                      progress=not args.no_progress)
+    reached = sum(r["reached"] for r in results)
+    print(f"{len(results)} runs in {args.out}: {reached} reached their target")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -149,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 missing data, 2 bad usage)."""
     try:
         args = build_parser().parse_args(argv)
-        return _train(args) if args.command == "train" else _plot(args)
+        return {"train": _train, "plot": _plot, "reproduce": _reproduce}[args.command](args)
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2

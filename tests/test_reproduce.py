@@ -1,0 +1,82 @@
+"""The reproduction runner: the paper's numbers, the settings, resumable sweeps."""
+
+import json
+
+import pytest
+import torch
+
+from fedlib import reproduce as R
+from fedlib.data import Dataset
+
+
+def test_paper_tables_hold_the_published_numbers():
+    t1, t2 = R.paper_table("1"), R.paper_table("2")
+    assert "McMahan" in t1["citation"] and "2017" in t1["citation"]
+    assert len(t1["rows"]) == 10 and len(t2["rows"]) == 9
+    row = dict(zip(t1["columns"], t1["rows"][1]))
+    assert (row["model"], row["C"], row["iid_B_10"], row["noniid_B_10"]) == ("2nn", 0.1, 87, 664)
+    fedsgd = dict(zip(t2["columns"], t2["rows"][0]))
+    assert (fedsgd["E"], fedsgd["B"], fedsgd["iid"], fedsgd["noniid"]) == (1, None, 626, 483)
+
+
+def test_our_u_matches_the_papers_u_column():
+    t2 = R.paper_table("2")
+    settings = [s for s in R.paper_settings("2") if s.partition == "iid"]
+    assert [s.updates_per_round for s in settings] == [dict(zip(t2["columns"], r))["u"] for r in t2["rows"]]
+
+
+def test_settings_are_unique_and_capped():
+    for table, count in (("1", 40), ("2", 18)):
+        settings = R.paper_settings(table)
+        assert len(settings) == count and len({s.name for s in settings}) == count
+        for s in settings:
+            assert s.round_cap >= 2 * (s.paper_rounds or 1)
+    # Cells the paper left as "--" are still run, to a cap of twice the column's largest entry.
+    s = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.5-E1-Binf")
+    assert s.paper_rounds is None and s.round_cap == 2 * 1658
+
+
+def test_select_filters_and_rejects_unknown_names():
+    settings = R.paper_settings("1")
+    assert {s.model for s in R.select(settings, model="cnn")} == {"cnn"}
+    assert len(R.select(settings, model="2nn", partition="iid")) == 10
+    with pytest.raises(ValueError, match="unknown"):
+        R.select(settings, names=["2nn-iid-C7-E1-B10"])
+    with pytest.raises(ValueError, match="table must be"):
+        R.paper_table("3")
+
+
+@pytest.fixture
+def tiny_mnist():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (1000,), generator=g)
+    x += y.view(-1, 1, 1, 1).float()          # learnable: the label shifts the image
+    return Dataset("mnist", x, y, x[:200], y[:200], [str(i) for i in range(10)])
+
+
+def test_sweep_writes_one_file_per_run_and_never_redoes_one(tiny_mnist, tmp_path, monkeypatch):
+    setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
+    results = R.sweep([setting], tmp_path, lrs=[0.05, 0.1], max_rounds=3, data=tiny_mnist, progress=False)
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == ["2nn-iid-C0.1-E1-B10-lr0.05-seed0.json", "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json"]
+    saved = json.loads((tmp_path / files[0]).read_text())
+    assert saved["command"] == "python -m fedlib reproduce --table 1 --only 2nn-iid-C0.1-E1-B10 --lr 0.05 --seeds 0"
+    assert {"device", "versions", "wall_seconds", "history", "round_cap"} <= set(saved)
+    assert saved["history"]["config"]["seed"] == 0 and saved["history"]["config"]["lr"] == 0.05
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+    monkeypatch.setattr(R, "run", must_not_train)
+    again = R.sweep([setting], tmp_path, lrs=[0.05, 0.1], max_rounds=3, data=tiny_mnist, progress=False)
+    assert [r["rounds_run"] for r in again] == [r["rounds_run"] for r in results]
+
+
+def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
+    setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
+    R.sweep([setting], tmp_path, lrs=[0.1], max_rounds=2, data=tiny_mnist, progress=False)
+    rows = {r["setting"]: r for r in R.comparison_rows("1", tmp_path)}
+    assert rows["2nn-iid-C0.2-E1-B10"]["ours"] == "not yet run"
+    ran = rows["2nn-iid-C0.1-E1-B10"]
+    assert ran["paper"] == 87
+    assert ran["ours"] == "not reached in 2" or isinstance(ran["ours"], float)
