@@ -1,5 +1,5 @@
 # Two commands for a newcomer (see README.md):
-#   make run    set everything up, then a short FedAvg run on MNIST that prints its accuracy
+#   make run    set everything up, then build the book (make book) and print where it is
 #   make test   set everything up, then the whole test suite
 # Both create their own virtual environment in .venv from nothing but python3 (>= 3.10).
 
@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test setup clean
+.PHONY: run test setup book clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,23 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-run: setup
-	$(BIN)/python -m fedlib train --dataset mnist --model 2nn --partition iid --rounds 5 --out runs/quickstart.json
+run: book
 
 test: setup
 	$(BIN)/python -m pytest -n 2
+
+# The book (Jupyter Book 1.x, configured by _config.yml and _toc.yml): check that every lesson
+# is stored with its outputs (the build renders them, it never runs them), build the site with
+# warnings as errors (--all: every page re-read, so no warning hides in an unchanged page),
+# then print the path of the front page.
+$(VENV)/.installed-book: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[pinned,book]"
+	touch $@
+
+book: $(VENV)/.installed-book
+	$(BIN)/python book/check_outputs.py
+	$(BIN)/jupyter-book build . -W -n --keep-going --all --quiet
+	@echo "$(CURDIR)/_build/html/index.html"
 
 clean:
 	rm -rf $(VENV) runs _build

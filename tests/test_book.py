@@ -1,0 +1,224 @@
+"""The book: it builds with warnings as errors, and its pages work in a real browser.
+
+``test_book_in_browser`` builds the site from the notebooks' stored outputs (the commands
+of ``make book``), serves ``_build/html`` on 127.0.0.1 and opens every page in headless
+Chromium (Debian's ``chromium`` package, driven by Playwright) with every request that
+leaves the site blocked, so the pages are checked as a reader without network sees them.
+Screenshots of the landing page (whole) and of the top of the first lesson (launch menu
+open) go to ``_build/screenshots/``.
+The lessons are the notebooks that ``_toc.yml`` lists, in its order.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from playwright.sync_api import Page, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own download is not used
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# The only thing a page may fetch from outside the site: MathJax, which typesets the math.
+# Without it the TeX source is shown, which still reads.
+OPTIONAL_EXTERNAL = ("https://cdn.jsdelivr.net/npm/mathjax@",)
+COLAB = "https://colab.research.google.com"
+
+
+def _load_check_outputs():
+    """book/check_outputs.py as a module (it is a script, not part of the fedlib package)."""
+    spec = importlib.util.spec_from_file_location("check_outputs", ROOT / "book" / "check_outputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_outputs = _load_check_outputs()
+
+
+def lessons() -> list[Path]:
+    """The lesson notebooks, as _toc.yml lists them."""
+    return [p for p in check_outputs.toc_notebooks(ROOT) if p.parent.name == "notebooks"]
+
+
+def notebook_title(path: Path) -> str:
+    """The text of the first ``# `` heading of a notebook."""
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    raise AssertionError(f"{path.name} has no '# ' title")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def test_every_notebook_is_in_the_toc():
+    """A lesson in notebooks/ that _toc.yml does not list would silently be left out of the book."""
+    listed = set(lessons())
+    unlisted = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb") if p not in listed)
+    assert not unlisted, f"add these to _toc.yml (under Lessons): {unlisted}"
+
+
+def test_check_outputs_names_lessons_without_outputs(tmp_path, capsys):
+    toc = tmp_path / "_toc.yml"
+    (tmp_path / "notebooks").mkdir()
+    ran = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# Ran"),
+        nbformat.v4.new_code_cell("1 + 1", execution_count=1, outputs=[
+            nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=1)])])
+    nbformat.write(ran, tmp_path / "notebooks" / "01_ran.ipynb")
+    toc.write_text("format: jb-book\nroot: notebooks/01_ran\n")
+    assert check_outputs.main(["check_outputs.py", str(tmp_path)]) == 0
+
+    toc.write_text("format: jb-book\nroot: notebooks/01_ran\n"
+                   "chapters:\n  - file: notebooks/02_not_run\n  - file: notebooks/03_missing\n")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]),
+                   tmp_path / "notebooks" / "02_not_run.ipynb")
+    capsys.readouterr()
+    assert check_outputs.main(["check_outputs.py", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "notebooks/02_not_run.ipynb is not stored with its outputs: 1 of 1 code cells were not run" in err
+    assert "_toc.yml lists notebooks/03_missing, which does not exist" in err
+    assert "01_ran" not in err
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[str]:
+    """Build the book as `make book` does, and serve it on a free port of 127.0.0.1."""
+    check = subprocess.run([sys.executable, "book/check_outputs.py"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # Same command as the Makefile's `book` target: warnings are errors, every page rebuilt.
+    build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", ".",
+                            "-W", "-n", "--keep-going", "--all"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, f"the book does not build:\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}"
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=HTML))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def check_images(page: Page, where: str) -> tuple[int, list[str]]:
+    """How many images the page's article shows, and which did not load."""
+    images = page.locator("article.bd-article img")
+    broken = []
+    for i in range(images.count()):
+        image = images.nth(i)
+        image.scroll_into_view_if_needed()
+        loaded = image.evaluate(
+            "img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0"
+            " && img.getBoundingClientRect().width > 0")
+        if not loaded:
+            broken.append(f"{where}: image {image.get_attribute('src')} did not load")
+    return images.count(), broken
+
+
+def heading(page: Page) -> str:
+    """The visible text of the page's first h1, without Sphinx's '#' permalink."""
+    h1 = page.locator("article.bd-article h1").first
+    assert h1.is_visible()
+    return h1.evaluate("h => { const c = h.cloneNode(true);"
+                       " c.querySelectorAll('.headerlink').forEach(a => a.remove());"
+                       " return c.textContent.trim(); }")
+
+
+def test_book_in_browser(site: str):
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    repo, branch = config["repository"]["url"].rstrip("/"), config["repository"]["branch"]
+    lesson_paths = lessons()
+    assert lesson_paths, "_toc.yml lists no lessons"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    blocked: list[str] = []
+
+    def only_the_site(route):
+        url = route.request.url
+        if url.startswith(site) or url.startswith("data:"):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        assert CHROMIUM.exists(), "needs Debian's chromium: apt-get install -y chromium"
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.route("**/*", only_the_site)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: problems.append(f"{page.url}: script error {exc}"))
+
+        # The landing page: index.html redirects to it.
+        response = page.goto(f"{site}/index.html")
+        assert response.status == 200
+        page.wait_for_url("**/book/intro.html")
+        response = page.goto(page.url)
+        assert response.status == 200
+        assert heading(page), "the landing page has no title"
+        pasted = page.locator(".pasted-text").all_inner_texts()
+        assert pasted and all(t.strip() for t in pasted), "numbers glued from the lessons are missing"
+        page.screenshot(path=SCREENSHOTS / "landing.png", full_page=True)
+
+        for name, must_show in [("setup", "fedlib_data"), ("glossary", "client drift"),
+                                ("bibliography", "communication-efficient learning")]:
+            response = page.goto(f"{site}/book/{name}.html")
+            if response.status != 200 or must_show not in page.locator("article").inner_text().lower():
+                problems.append(f"book/{name}.html: status {response.status}, or '{must_show}' not shown")
+
+        for number, notebook in enumerate(lesson_paths):
+            rel = notebook.relative_to(ROOT)
+            response = page.goto(f"{site}/{rel.with_suffix('.html').as_posix()}")
+            if response.status != 200:
+                problems.append(f"{rel}: status {response.status}")
+                continue
+            title = heading(page)
+            if not set(words(notebook_title(notebook))) <= set(words(title)):
+                problems.append(f"{rel}: shows the title {title!r}, not {notebook_title(notebook)!r}")
+
+            page.locator(".dropdown-launch-buttons button").click()
+            colab = page.locator(f'.dropdown-launch-buttons a[href^="{COLAB}"]')
+            expected = f"{COLAB}/github/{repo.removeprefix('https://github.com/')}/blob/{branch}/{rel.as_posix()}"
+            if colab.count() != 1 or not colab.is_visible():
+                problems.append(f"{rel}: no visible Colab launch button")
+            elif colab.get_attribute("href") != expected:
+                problems.append(f"{rel}: Colab opens {colab.get_attribute('href')}, not {expected}")
+            sources = page.locator(".dropdown-source-buttons a").evaluate_all("as => as.map(a => a.href)")
+            if repo not in sources or not any(s.startswith(f"{repo}/issues/new") for s in sources):
+                problems.append(f"{rel}: repository and issue buttons missing, found {sources}")
+            if number == 0:  # the top of the page, with the launch menu open
+                page.screenshot(path=SCREENSHOTS / f"{notebook.stem}.png")
+            count, broken = check_images(page, str(rel))
+            problems += broken
+            if count == 0:
+                problems.append(f"{rel}: shows no figure")
+        browser.close()
+
+    required = sorted({u for u in blocked if not u.startswith(OPTIONAL_EXTERNAL)})
+    assert not required, f"pages fetch from outside the site: {required}"
+    assert not problems, "\n".join(problems)
