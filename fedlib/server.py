@@ -18,6 +18,7 @@ test-set evaluation after each round and a :class:`~fedlib.metrics.History`.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fedlib.client import ClientResult, Weights, check_hyperparameters, local_update
 from fedlib.data import DATASETS, Dataset, load_dataset
+from fedlib.engine import vectorized_local_updates, vectorized_unsupported_reason
 from fedlib.metrics import History, RoundRecord, atomic_write_bytes, evaluate
 from fedlib.models import MODELS, build_model, model_bytes
 from fedlib.partition import PARTITIONS, make_partition
@@ -134,14 +136,20 @@ class FedAvgConfig:
 def resolve_engine(engine: str, model: nn.Module) -> str:
     """The engine that will run: ``auto`` is the vectorised one wherever it applies.
 
-    The vectorised engine arrives with ``fedlib.engine``; until then every engine
-    request other than ``sequential`` falls back to it with ``auto`` only.
+    ``vectorized`` trains all clients of a round at once (``fedlib.engine``);
+    ``sequential`` trains them one after another with ``local_update``. Both give
+    the same weights. ``auto`` falls back to ``sequential`` only for a model the
+    vectorised engine cannot run, and warns with the reason.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "vectorized":
-        raise ValueError("engine='vectorized' is not available in this version of fedlib; use 'sequential'")
-    return "sequential"
+    reason = vectorized_unsupported_reason(model)
+    if engine == "vectorized" and reason:
+        raise ValueError(f"engine='vectorized' cannot run this model: {reason}; use 'sequential'")
+    if engine == "auto" and reason:
+        warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=2)
+        return "sequential"
+    return "sequential" if engine == "sequential" else "vectorized"
 
 
 def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
@@ -166,6 +174,13 @@ def run_round(model: nn.Module, w_t: Weights, data: Dataset, client_indices: lis
     Returns w_{t+1} and the clients' mean training loss (weighted by n_k).
     """
     torch.manual_seed(derive_seed(config.seed, 3, t))       # dropout masks of this round
+    if engine == "vectorized":                               # all clients at once, same batches
+        shuffles = [torch.Generator().manual_seed(derive_seed(config.seed, 2, t, int(k))) for k in selected]
+        result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
+                                          shuffles, weights=w_t, epochs=config.local_epochs,
+                                          batch_size=config.batch_size, lr=config.lr,
+                                          momentum=config.momentum, weight_decay=config.weight_decay)
+        return result.average(), result.mean_train_loss()
     results = client_updates(model, w_t, data, client_indices, selected, config, t)
     n = [r.num_examples for r in results]
     w_next = fedavg([r.weights for r in results], n)

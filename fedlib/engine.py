@@ -1,0 +1,211 @@
+"""The vectorised engine: the local updates of all clients of a round, run together.
+
+:func:`fedlib.client.local_update` trains one client after another: E * n_k / B tiny
+steps each, so on a CPU most of the time goes to Python and operator overhead, not
+arithmetic. Here the m clients of a round are trained *at once*:
+
+- the weights are stacked, one copy per client: every tensor gets a leading client
+  axis, ``(m, *shape)``;
+- the whole training set stays on the device as one tensor, and a client's
+  minibatch is a gather by index (no DataLoader, no per-sample transform);
+- one step computes every client's gradient on its own minibatch with
+  ``torch.func.vmap(grad_and_value(loss))`` over ``functional_call`` (vmap turns the
+  per-client matrix products into batched ones and the convolutions into one
+  grouped convolution with ``groups = m``);
+- plain SGD (with optional momentum and weight decay, as ``torch.optim.SGD``)
+  updates the stacked weights, and the round ends with the n_k-weighted average.
+
+Clients shuffle exactly as in the sequential engine: client k draws its E epochs of
+batches with :func:`fedlib.client.epoch_batches` from its own generator, so with the
+same seed both engines see the same batches in the same order and end with the same
+weights (up to float rounding; ``tests/test_engine.py`` checks it).
+
+Different n_k (Dirichlet and unbalanced partitions, or B not dividing n_k) are
+handled by padding and masking. Every client's sequence of batches is padded to
+the same number of steps S = max_k E * ceil(n_k / B), and every batch to the same
+width (B, or max n_k for B = infinity), with a 0/1 mask marking the real examples:
+
+- the loss of a client is the mean over its *real* examples only
+  (``sum(mask * loss) / sum(mask)``), so a short last batch weighs exactly as in
+  the sequential engine;
+- a client whose batches are exhausted gets an all-zero mask: its gradient is zero
+  and its update (weight decay and momentum included) is switched off, so its
+  weights stay where its last real step left them.
+
+Padded positions point at example 0 of the training set, so they are valid images
+that are simply not counted.
+
+Dropout models run with ``randomness="different"``: every client draws its own
+dropout masks, as independent clients would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.nn import functional as F
+
+from fedlib.client import Weights, check_hyperparameters, epoch_batches
+
+# Largest number of examples (clients x batch) one vectorised step processes on the
+# CPU; more clients than this allows are trained in groups, one group after another.
+# It bounds the activation memory of B = infinity rounds (CNN: ~0.5 MB per example).
+MAX_EXAMPLES_PER_STEP = {"cpu": 2048, "cuda": 32768}
+
+
+def vectorized_unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run under the vectorised engine, or None if it can.
+
+    Models with buffers (BatchNorm's running statistics) would need per-client
+    buffer updates inside vmap, which this engine does not do.
+    """
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"the model has buffers ({', '.join(buffers)}), which the vectorized engine does not update"
+    return None
+
+
+@dataclass
+class StackedResult:
+    """What the m clients of a round send back, stacked along a leading client axis.
+
+    weights: name -> (m, *shape); num_examples: (m,) the n_k; train_loss: (m,) each
+    client's mean training loss over its E epochs.
+    """
+
+    weights: Weights
+    num_examples: torch.Tensor
+    train_loss: torch.Tensor
+
+    def client(self, i: int) -> Weights:
+        """The weights of the i-th client of the round."""
+        return {name: w[i] for name, w in self.weights.items()}
+
+    def average(self) -> Weights:
+        """FedAvg: sum_k (n_k / m_t) w_k, the n_k-weighted average over the client axis."""
+        p = self.num_examples.to(torch.float32) / self.num_examples.sum()
+        return {name: torch.tensordot(p.to(w.device), w, dims=1) for name, w in self.weights.items()}
+
+    def mean_train_loss(self) -> float:
+        """The clients' training losses averaged with weights n_k, as the sequential round reports."""
+        n = self.num_examples.to(self.train_loss.dtype)
+        return ((self.train_loss * n).sum() / n.sum()).item()
+
+
+def batch_schedule(client_indices: list[torch.Tensor], generators: list[torch.Generator],
+                   epochs: int, batch_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every client's E epochs of minibatches, padded into one index tensor.
+
+    client_indices: per client, its (n_k,) indices into the training set.
+    generators: per client, its shuffle generator (consumed as ``local_update`` does).
+    Returns ``index`` (S, m, W) int64 training-set indices and ``mask`` (S, m, W)
+    float32, 1 for real examples and 0 for padding; S = the most steps any client
+    takes, W = B (or the largest n_k for B = infinity).
+    """
+    sizes = [len(idx) for idx in client_indices]
+    width = batch_size if batch_size is not None else max(sizes)
+    steps = [epochs * math.ceil(n_k / width) if batch_size is not None else epochs for n_k in sizes]
+    num_steps, m = max(steps), len(sizes)
+    local = torch.full((num_steps, m, width), -1, dtype=torch.int64)
+    for i, (n_k, generator) in enumerate(zip(sizes, generators)):
+        per_epoch = steps[i] // epochs
+        for e in range(epochs):
+            order = torch.cat(epoch_batches(n_k, batch_size, generator))       # the same shuffle
+            padded = torch.full((per_epoch * width,), -1, dtype=torch.int64)
+            padded[:n_k] = order
+            local[e * per_epoch:(e + 1) * per_epoch, i] = padded.view(per_epoch, width)
+    mask = local >= 0
+    index = torch.zeros_like(local)
+    for i, idx in enumerate(client_indices):
+        real = mask[:, i]
+        index[:, i][real] = idx.cpu()[local[:, i][real]]
+    return index, mask.to(torch.float32)
+
+
+def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             client_indices: list[torch.Tensor], generators: list[torch.Generator], *,
+                             epochs: int, batch_size: int | None, lr: float, weights: Weights | None = None,
+                             momentum: float = 0.0, weight_decay: float = 0.0,
+                             max_examples_per_step: int | None = None) -> StackedResult:
+    """ClientUpdate for m clients at once; each client as :func:`fedlib.client.local_update`.
+
+    model: the architecture (its weights are the start unless ``weights`` is given);
+    x: (N, C, H, W) the whole training set on the device; y: (N,) its labels.
+    client_indices: m index tensors (n_k,) into x; generators: m shuffle generators.
+    epochs: E; batch_size: B (None = infinity); lr: eta; momentum, weight_decay as
+    in ``torch.optim.SGD``. max_examples_per_step: clients x batch width per step
+    (default by device, see ``MAX_EXAMPLES_PER_STEP``); more clients are run in groups.
+    """
+    check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
+    if len(client_indices) == 0 or len(client_indices) != len(generators):
+        raise ValueError(f"client_indices and generators must hold one entry per client (>= 1), "
+                         f"got {len(client_indices)} and {len(generators)}")
+    reason = vectorized_unsupported_reason(model)
+    if reason:
+        raise ValueError(f"model cannot run vectorized: {reason}")
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.train()
+    if max_examples_per_step is None:
+        max_examples_per_step = MAX_EXAMPLES_PER_STEP.get(x.device.type, MAX_EXAMPLES_PER_STEP["cpu"])
+    width = batch_size if batch_size is not None else max(len(idx) for idx in client_indices)
+    group = max(1, max_examples_per_step // width)
+    parts = [_train_group(model, x, y, client_indices[s:s + group], generators[s:s + group],
+                          epochs, batch_size, lr, momentum, weight_decay)
+             for s in range(0, len(client_indices), group)]
+    if len(parts) == 1:
+        return parts[0]
+    return StackedResult({name: torch.cat([p.weights[name] for p in parts]) for name in parts[0].weights},
+                         torch.cat([p.num_examples for p in parts]), torch.cat([p.train_loss for p in parts]))
+
+
+def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indices: list[torch.Tensor],
+                 generators: list[torch.Generator], epochs: int, batch_size: int | None, lr: float,
+                 momentum: float, weight_decay: float) -> StackedResult:
+    """E epochs of SGD for one group of clients, all at once (see the module docstring)."""
+    device = x.device
+    m = len(client_indices)
+    index, mask = batch_schedule(client_indices, generators, epochs, batch_size)
+
+    params, _ = stack_module_state([model] * m)          # name -> (m, *shape), copies of w_t
+    params = {name: p.detach() for name, p in params.items()}
+    velocity = {name: torch.zeros_like(p) for name, p in params.items()} if momentum else None
+
+    def client_loss(p: Weights, xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, p, (xb,))                    # (W, num_classes)
+        losses = F.cross_entropy(logits, yb, reduction="none")       # (W,)
+        return (losses * mb).sum() / mb.sum().clamp(min=1)           # mean over real examples
+
+    step = vmap(grad_and_value(client_loss), randomness="different")
+    count = mask.sum(2)                                               # (S, m) real examples per step
+    all_active = (count > 0).all(1).tolist()                          # steps where no client is done
+    index, mask, count = index.to(device), mask.to(device), count.to(device)
+    total_loss = torch.zeros(m, device=device)
+    for s in range(index.shape[0]):
+        batch = index[s]                                              # (m, W)
+        grads, loss = step(params, x[batch], y[batch], mask[s])
+        total_loss += loss.detach() * count[s]
+        active = None if all_active[s] else (count[s] > 0).to(x.dtype)   # (m,) 0 once a client is done
+        for name, p in params.items():
+            d = grads[name]
+            if weight_decay:
+                d = d.add(p, alpha=weight_decay)
+            if momentum:
+                v = velocity[name]                                    # torch.optim.SGD's buffer
+                if active is None:
+                    v.mul_(momentum).add_(d)
+                else:
+                    v.copy_(torch.where(_per_client(active, v) > 0, momentum * v + d, v))
+                d = v
+            p.add_(d if active is None else d * _per_client(active, d), alpha=-lr)
+    num_examples = torch.tensor([len(idx) for idx in client_indices], device=device)
+    return StackedResult(params, num_examples, total_loss / (epochs * num_examples))
+
+
+def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(m,) -> (m, 1, ..., 1), broadcastable against a stacked tensor like ``like``."""
+    return values.view((-1,) + (1,) * (like.dim() - 1))
