@@ -101,6 +101,7 @@ def test_check_outputs_names_lessons_without_outputs(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def site() -> Iterator[str]:
     """Build the book as `make book` does, and serve it on a free port of 127.0.0.1."""
+    assert CHROMIUM.exists(), "needs Debian's chromium: apt-get install -y chromium"
     check = subprocess.run([sys.executable, "book/check_outputs.py"], cwd=ROOT,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
@@ -167,7 +168,6 @@ def test_book_in_browser(site: str):
             route.abort()
 
     with sync_playwright() as playwright:
-        assert CHROMIUM.exists(), "needs Debian's chromium: apt-get install -y chromium"
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.route("**/*", only_the_site)
