@@ -8,22 +8,35 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test setup book clean
+.PHONY: run test setup book notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[pinned,test]"
+	$(BIN)/pip install --quiet -e ".[pinned,test,lessons]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 run: book
 
+# The lessons are tested against their stored outputs: each notebook runs in a fresh kernel
+# (one notebook per worker: --dist loadscope) on the CPU in the quick profile, and every
+# output must match, after the substitutions in notebooks/nbval_sanitize.cfg.
+NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope \
+	--nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
 test: setup
 	$(BIN)/python -m pytest -n 2
+	$(NBVAL) notebooks
+
+# Re-execute every lesson in place, in order, each from a clean kernel, on the CPU in the
+# quick profile, and strip widget state and personal metadata: the stored outputs that the
+# book renders and `make test` checks. Prints the seconds each lesson took.
+notebooks: setup
+	FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python notebooks/execute.py
 
 # The book (Jupyter Book 1.x, configured by _config.yml and _toc.yml): check that every lesson
 # is stored with its outputs (the build renders them, it never runs them), build the site with

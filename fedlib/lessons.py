@@ -1,0 +1,104 @@
+"""What the lesson notebooks share: how big their experiments are, where they run,
+and the two pictures several lessons draw.
+
+One switch decides the size of every experiment in the lessons:
+
+- ``quick``: minutes on a laptop CPU. The notebooks are stored, rendered in the
+  book and tested (nbval) with this profile.
+- ``full``: the paper's scale (more rounds, more configurations, the CNN trained
+  in earnest), meant for a GPU, for example in Colab.
+
+The default is ``full`` when the lesson runs on a GPU and ``quick`` otherwise;
+the environment variable ``FEDLIB_PROFILE=quick|full`` overrides it, and
+``FEDLIB_DEVICE=auto|cpu|cuda`` overrides the device (``make notebooks`` sets
+both to produce the stored outputs on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from fedlib.runtime import DEVICES, get_device
+
+PROFILES = ("quick", "full")
+T = TypeVar("T")
+
+
+def device() -> torch.device:
+    """The device every lesson computes on: ``$FEDLIB_DEVICE`` if set, else cuda if available, else cpu."""
+    chosen = os.environ.get("FEDLIB_DEVICE") or "auto"
+    if chosen not in DEVICES:
+        raise ValueError(f"FEDLIB_DEVICE must be one of {DEVICES}, got {chosen!r}")
+    return get_device(chosen)
+
+
+def profile() -> str:
+    """``$FEDLIB_PROFILE`` if set, else ``full`` on a GPU and ``quick`` on a CPU."""
+    chosen = os.environ.get("FEDLIB_PROFILE")
+    if not chosen:
+        return "full" if device().type == "cuda" else "quick"
+    if chosen not in PROFILES:
+        raise ValueError(f"FEDLIB_PROFILE must be one of {PROFILES}, got {chosen!r}")
+    return chosen
+
+
+def pick(quick: T, full: T) -> T:
+    """The value for the active profile: ``pick(quick=20, full=200)`` is 20 in the quick profile."""
+    return quick if profile() == "quick" else full
+
+
+def describe() -> str:
+    """One line saying which profile runs on which device, e.g. ``profile: quick, device: cpu``."""
+    return f"profile: {profile()}, device: {device().type}"
+
+
+def show_digits(images: torch.Tensor, labels: Sequence[int], ncols: int = 10, title: str | None = None,
+                size: float = 0.9):
+    """Draw MNIST images (N, 1, 28, 28) in a grid, each titled with its label; return the figure."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("images must hold at least one image, got none")
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 1.15 * nrows + (0.4 if title else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].detach().cpu().squeeze(0), cmap="gray_r")
+            ax.set_title(str(int(labels[i])), fontsize=9, pad=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_counts(counts: np.ndarray, ax=None, title: str = "Examples per client and class",
+                      normalize: bool = False):
+    """Draw a (K, num_classes) matrix of example counts as a clients x classes picture; return the axes.
+
+    Each row is a client, each column a class, the colour how many examples of that
+    class the client holds (``normalize=True``: what share of the client's examples):
+    an IID split is an even smear, a non-IID one a few bright cells per row.
+    """
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be a (K, num_classes) matrix, got shape {counts.shape}")
+    if normalize:
+        counts = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.2, 5))
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+    ax.set_xticks(range(counts.shape[1]))
+    ax.set_xlabel("class (digit)")
+    ax.set_ylabel("client k")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, label="share of the client's examples" if normalize else "examples")
+    return ax

@@ -1,0 +1,70 @@
+"""Execute the lessons in place, each from a clean kernel, top to bottom (``make notebooks``).
+
+The stored outputs are what the book renders and what ``pytest --nbval`` checks, so
+they are produced one way only: on the CPU, in the quick profile, by this script.
+After execution the notebook keeps only what is needed to read and re-run it: no
+widget state, no timing or personal metadata, kernel ``python3``.
+
+Usage: python notebooks/execute.py [NOTEBOOK ...]   (default: every notebooks/[0-9]*.ipynb)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+TIMEOUT_S = 600   # per cell; the quick profile needs seconds
+
+
+def clean_metadata(nb: nbformat.NotebookNode) -> None:
+    """Keep the kernel and the language name; drop everything else (widget state, authors, Colab)."""
+    nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
+    for cell in nb.cells:
+        cell.metadata = nbformat.from_dict({k: v for k, v in cell.metadata.items() if k == "tags"})
+        for output in cell.get("outputs", []):
+            output.get("metadata", {}).pop("transient", None)
+
+
+def execute(path: Path) -> float:
+    """Run one notebook from a clean kernel in its own folder; write it back; return seconds."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    # store_widget_state=True only because nbclient's Output-widget hook needs it; the state
+    # itself is dropped by clean_metadata.
+    client = NotebookClient(nb, kernel_name="python3", timeout=TIMEOUT_S, record_timing=False,
+                            store_widget_state=True, resources={"metadata": {"path": str(path.parent)}})
+    began = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - began
+    clean_metadata(nb)
+    nbformat.validate(nb)
+    nbformat.write(nb, path)
+    return seconds
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("FEDLIB_PROFILE", "quick")
+    os.environ.setdefault("FEDLIB_DEVICE", "cpu")
+    if os.environ["FEDLIB_PROFILE"] != "quick" or os.environ["FEDLIB_DEVICE"] != "cpu":
+        print("note: stored outputs are meant to be FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu", file=sys.stderr)
+    paths = [Path(a) for a in argv] or sorted(HERE.glob("[0-9]*.ipynb"))
+    total = 0.0
+    for path in paths:
+        seconds = execute(path)
+        total += seconds
+        print(f"{path.name}: {seconds:.1f} s", flush=True)
+    print(f"all {len(paths)} notebooks: {total:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
