@@ -56,6 +56,22 @@ def describe() -> str:
     return f"profile: {profile()}, device: {device().type}"
 
 
+def glue(name: str, value: object) -> None:
+    """Record ``value`` under ``name`` so that the book's pages can quote it, showing nothing.
+
+    This is MyST-NB's ``glue(name, value, display=False)`` (the output format its
+    ``{glue:text}`` role reads), written out so that the lessons do not need MyST-NB
+    installed, in Colab for example.
+    """
+    from IPython.core.formatters import format_display_data
+    from IPython.display import display
+
+    prefix = "application/papermill.record/"
+    bundle, metadata = format_display_data(value)
+    metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
+    display({prefix + mime: data for mime, data in bundle.items()}, raw=True, metadata=metadata)
+
+
 def show_digits(images: torch.Tensor, labels: Sequence[int], ncols: int = 10, title: str | None = None,
                 size: float = 0.9):
     """Draw MNIST images (N, 1, 28, 28) in a grid, each titled with its label; return the figure."""
