@@ -132,7 +132,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         for row in R.comparison_rows(args.table, args.out, args.seeds[0]):
             if row["setting"] in {s.name for s in settings}:
                 ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
-                print(f"{row['setting']:32s} paper {str(row['paper'] or '--'):>5s}  ours {row['ours']}{ratio}")
+                ours = f"{row['ours']:.1f}" if isinstance(row["ours"], float) else row["ours"]
+                print(f"{row['setting']:32s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
         return 0
     if args.list:
         for s in settings:

@@ -208,6 +208,6 @@ def comparison_rows(table: str, out_dir: str | Path, seed: int = 0) -> list[dict
             row |= {"ours": f"not reached in {r['round_cap']}", "lr": None, "ratio": None}
         else:
             ratio = r["rounds_to_target"] / s.paper_rounds if s.paper_rounds else None
-            row |= {"ours": round(r["rounds_to_target"], 1), "lr": r["lr"], "ratio": ratio}
+            row |= {"ours": r["rounds_to_target"], "lr": r["lr"], "ratio": ratio}
         rows.append(row)
     return rows
