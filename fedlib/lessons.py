@@ -99,7 +99,8 @@ def plot_class_counts(counts: np.ndarray, ax=None, title: str = "Examples per cl
     """Draw a (K, num_classes) matrix of example counts as a clients x classes picture; return the axes.
 
     Each row is a client, each column a class, the colour how many examples of that
-    class the client holds (``normalize=True``: what share of the client's examples):
+    class the client holds (``normalize=True``: what share of the client's examples, on a
+    fixed 0 to 1 scale so that pictures of different splits compare):
     an IID split is an even smear, a non-IID one a few bright cells per row.
     """
     import matplotlib.pyplot as plt
@@ -111,7 +112,8 @@ def plot_class_counts(counts: np.ndarray, ax=None, title: str = "Examples per cl
         counts = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     if ax is None:
         _, ax = plt.subplots(figsize=(3.2, 5))
-    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0,
+                      vmax=1 if normalize else None)
     ax.set_xticks(range(counts.shape[1]))
     ax.set_xlabel("class (digit)")
     ax.set_ylabel("client k")
