@@ -1,0 +1,258 @@
+"""How fast is a FedAvg round? The vectorized and the sequential engine, side by side.
+
+    FEDLIB_DATA=/path/to/data python benchmarks/engine_bench.py [--device cpu|cuda|all]
+        [--rounds N] [--threads 1,2] [--quick] [--no-memory]
+
+For every configuration and engine it prints one table row: seconds per round (the
+median of ``--rounds`` rounds after a warm-up round), examples per second, the
+achieved GFLOP/s from an analytic FLOP count of the model (training ~ 3x the
+forward pass), and that figure as a fraction of the machine's own peak, measured in
+the same run as the best of a few large float32 matrix products at the same thread
+count. The header notes the machine, versions and load average (other processes
+on the machine make every number slower). Then it times the evaluation of each
+model on the 10,000 test images and, unless ``--no-memory``, the peak resident
+memory of whole MNIST CNN runs in a fresh process.
+
+Rounds are real FedAvg rounds of K=100 IID clients (n_k = 600) on MNIST; the data
+values do not change the timing, so without MNIST under FEDLIB_DATA random images
+of the same shape are used (the header says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedlib
+from fedlib import Dataset, FedAvgConfig, build_model, evaluate, iid, load_dataset
+from fedlib.runtime import derive_seed
+from fedlib.server import run_round, sample_clients
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark configuration: a model and its local-training parameters."""
+
+    label: str
+    model: str
+    local_epochs: int
+    batch_size: int | None
+    frac: float = 0.1
+
+
+SETTINGS = [
+    Setting("2NN E=1 B=10 C=0.1", "2nn", 1, 10),
+    Setting("CNN E=5 B=10 C=0.1", "cnn", 5, 10),
+    Setting("CNN E=1 B=inf C=0.1 (FedSGD-like)", "cnn", 1, None),
+    Setting("cnn-small (dropout) E=5 B=10 C=0.1", "cnn-small", 5, 10),
+]
+ENGINES = ("sequential", "vectorized")
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds x 2 of one example's forward pass through every Conv2d and Linear."""
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * output[0].numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of the best of ``repeats`` (size x size) @ (size x size) float32 products."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return 2 * size**3 / best / 1e9
+
+
+def time_rounds(setting: Setting, engine: str, data: Dataset, rounds: int, device: torch.device
+                ) -> tuple[float, float, int]:
+    """Median wall-clock and CPU seconds of ``rounds`` FedAvg rounds after a warm-up round,
+    and the examples one round trains on."""
+    config = FedAvgConfig(model=setting.model, num_clients=100, frac=setting.frac,
+                          local_epochs=setting.local_epochs, batch_size=setting.batch_size,
+                          lr=0.05, seed=0, engine=engine).validate()
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device)
+    partition = iid(len(data.y_train), config.num_clients, seed=0)
+    client_indices = [torch.as_tensor(p, device=device) for p in partition]
+    w_t = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def selected(t: int) -> np.ndarray:
+        return sample_clients(config.num_clients, config.frac, np.random.default_rng(derive_seed(0, 1, t)))
+
+    # Warm-up: same shapes, one epoch (first calls build kernels and caches).
+    run_round(model, w_t, data, client_indices, selected(0), replace(config, local_epochs=1), 0, engine)
+    seconds, cpu_seconds = [], []
+    for t in range(1, rounds + 1):
+        synchronize(device)
+        began, cpu_began = time.perf_counter(), time.process_time()
+        w_t, _ = run_round(model, w_t, data, client_indices, selected(t), config, t, engine)
+        synchronize(device)
+        seconds.append(time.perf_counter() - began)
+        cpu_seconds.append(time.process_time() - cpu_began)
+    examples = config.local_epochs * sum(len(client_indices[k]) for k in selected(1))
+    return statistics.median(seconds), statistics.median(cpu_seconds), examples
+
+
+def time_evaluation(model_name: str, data: Dataset, device: torch.device, repeats: int = 3) -> float:
+    """Best seconds to evaluate a model on the whole test set (large batches, no autograd)."""
+    model = build_model(model_name).to(device)
+    evaluate(model, data.x_test, data.y_test)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        evaluate(model, data.x_test, data.y_test)
+        synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+MEMORY_RUN = """
+import resource, sys, torch, fedlib
+fedlib.set_threads({threads})
+config = fedlib.FedAvgConfig(model="cnn", frac=0.1, local_epochs={epochs}, batch_size={batch_size},
+                             rounds={rounds}, device="{device}", engine="{engine}")
+fedlib.run(config, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)    # KiB on Linux
+"""
+
+
+def peak_memory(engine: str, epochs: int, batch_size: int | None, rounds: int, threads: int,
+                device: torch.device) -> float:
+    """Peak resident memory (GiB) of a whole MNIST CNN run in a fresh Python process."""
+    code = MEMORY_RUN.format(threads=threads, epochs=epochs, batch_size=batch_size, rounds=rounds,
+                             device=device.type, engine=engine)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name()
+    else:
+        gpu = "no GPU"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs; {gpu}"
+
+
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="all = the CPU, and the GPU where one exists (default)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row, after one warm-up (default 3)")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated CPU thread counts to compare (default: fedlib.set_threads())")
+    parser.add_argument("--quick", action="store_true", help="2 timed rounds, only the 2NN and cnn-small, no memory runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {args.rounds}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False          # float32 everywhere, as the peak
+    torch.backends.cudnn.allow_tf32 = False
+    rounds = 2 if args.quick else args.rounds
+    settings = [s for s in SETTINGS if s.model != "cnn"] if args.quick else SETTINGS
+    devices = [torch.device("cpu")] if args.device == "cpu" else \
+        [torch.device("cuda")] if args.device == "cuda" else \
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    thread_counts = [int(n) for n in args.threads.split(",")] if args.threads else [fedlib.set_threads()]
+
+    try:
+        cpu_data, source = load_dataset("mnist", download=False), "real MNIST"
+    except fedlib.DatasetNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        cpu_data = Dataset("mnist", torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g),
+                           torch.randn(10000, 1, 28, 28, generator=g), torch.randint(0, 10, (10000,), generator=g),
+                           [str(i) for i in range(10)])
+        source = "random images of MNIST's shape (MNIST not found under FEDLIB_DATA)"
+
+    print(f"# FedAvg engine benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"machine: {machine()}")
+    print(f"torch {torch.__version__}, fedlib {fedlib.__version__}, python {platform.python_version()}; "
+          f"data: {source}; K=100 IID clients, n_k=600; median of {rounds} rounds after a warm-up")
+    print(f"load average at start (1, 5, 15 min): {load()}\n")
+
+    for device in devices:
+        data = cpu_data.to(device)
+        for threads in thread_counts if device.type == "cpu" else [fedlib.set_threads()]:
+            torch.set_num_threads(threads)
+            peak = matmul_peak(device)
+            where = f"{device.type}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" \
+                else f"cuda ({torch.cuda.get_device_name()})"
+            print(f"## {where}: measured float32 matmul peak {peak:.1f} GFLOP/s (4096x4096, best of 5)\n")
+            print("| configuration | engine | s / round | CPU s / round | examples / s | GFLOP/s | of peak "
+                  "| vs sequential | load (1 min) |")
+            print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+            for setting in settings:
+                flops = 3 * forward_flops(build_model(setting.model), (1, 28, 28))
+                times = {}
+                for engine in ENGINES:
+                    seconds, cpu_seconds, examples = time_rounds(setting, engine, data, rounds, device)
+                    times[engine] = seconds
+                    gflops = flops * examples / seconds / 1e9
+                    speedup = f"{times['sequential'] / seconds:.2f}x" if engine != "sequential" else ""
+                    print(f"| {setting.label} | {engine} | {seconds:.3f} | {cpu_seconds:.3f} | {examples / seconds:,.0f} | "
+                          f"{gflops:.1f} | {gflops / peak:.0%} | {speedup} | {os.getloadavg()[0]:.2f} |", flush=True)
+            evals = ", ".join(f"{name} {time_evaluation(name, data, device):.3f} s"
+                              for name in ("2nn", "cnn", "cnn-small"))
+            print(f"\nevaluation on the 10,000 test images (batches of 2,000, no autograd): {evals}\n")
+
+        if not (args.quick or args.no_memory or source != "real MNIST"):
+            threads = fedlib.set_threads() if device.type == "cpu" else 1
+            for epochs, batch_size, rounds_run in ((5, 10, 2), (1, None, 3)):
+                b = "inf" if batch_size is None else batch_size
+                rss = peak_memory("auto", epochs, batch_size, rounds_run, threads, device)
+                print(f"peak resident memory of a whole MNIST CNN run ({rounds_run} rounds, E={epochs}, B={b}, "
+                      f"C=0.1, engine auto, {device.type}): {rss:.2f} GiB")
+            print()
+    print(f"load average at end (1, 5, 15 min): {load()}")
+
+
+if __name__ == "__main__":
+    main()
