@@ -15,6 +15,11 @@ arithmetic. Here the m clients of a round are trained *at once*:
 - plain SGD (with optional momentum and weight decay, as ``torch.optim.SGD``)
   updates the stacked weights, and the round ends with the n_k-weighted average.
 
+For the paper's 2NN with plain SGD the step is also written out by hand
+(:func:`relu_mlp_sgd_step`: batched matrix products, each weight updated in the
+same product that computes its gradient). It gives the same weights and is about
+twice as fast on a CPU, where a step of B=10 is bound by passes over the weights.
+
 Clients shuffle exactly as in the sequential engine: client k draws its E epochs of
 batches with :func:`fedlib.client.epoch_batches` from its own generator, so with the
 same seed both engines see the same batches in the same order and end with the same
@@ -50,6 +55,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from torch.nn import functional as F
 
 from fedlib.client import Weights, check_hyperparameters, epoch_batches
+from fedlib.models import TwoNN
 
 # Largest number of examples (clients x batch width) one vectorised step processes,
 # by device type; more clients than this allows are trained in groups, one group
@@ -186,9 +192,13 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
     count = mask.sum(2)                                               # (S, m) real examples per step
     all_active = (count > 0).all(1).tolist()                          # steps where no client is done
     index, mask, count = index.to(device), mask.to(device), count.to(device)
+    by_hand = isinstance(model, TwoNN) and not momentum and not weight_decay
     total_loss = torch.zeros(m, device=device)
     for s in range(index.shape[0]):
         batch = index[s]                                              # (m, W)
+        if by_hand:                                                   # same step, ~2x faster on a CPU
+            total_loss += relu_mlp_sgd_step(params, x[batch], y[batch], mask[s], lr) * count[s]
+            continue
         grads, loss = step(params, x[batch], y[batch], mask[s])
         total_loss += loss.detach() * count[s]
         active = None if all_active[s] else (count[s] > 0).to(x.dtype)   # (m,) 0 once a client is done
@@ -206,6 +216,43 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
             p.add_(d if active is None else d * _per_client(active, d), alpha=-lr)
     num_examples = torch.tensor([len(idx) for idx in client_indices], device=device)
     return StackedResult(params, num_examples, total_loss / (epochs * num_examples))
+
+
+@torch.no_grad()
+def relu_mlp_sgd_step(params: Weights, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      lr: float) -> torch.Tensor:
+    """One plain-SGD step of every client of the 2NN, with backpropagation written out.
+
+    params: stacked ``fc1``, ``fc2``, ``fc3`` weights (m, d_out, d_in) and biases
+    (m, d_out), updated in place; x: (m, W, 1, 28, 28); y, mask: (m, W).
+    Returns each client's mean loss over its real examples, (m,).
+
+    Forward, per client: h_1 = relu(h_0 W_1^T + b_1), h_2 = relu(h_1 W_2^T + b_2),
+    logits = h_2 W_3^T + b_3. Backward from g = dL/dlogits = (softmax - onehot) / n
+    (masked rows 0): dW_i = g^T h_{i-1}, db_i = the sum of g's rows, and
+    g <- (g W_i) * [h_{i-1} > 0] for the layer below. Each W_i is updated as soon as
+    its gradient is known, in one batched product (``baddbmm_``: W <- W - eta g^T h),
+    so no gradient tensor is written and read back; the layer below uses W_i from
+    before the update, as autograd would. Same numbers as the vmap step, fewer
+    passes over the weights, which is what bounds a step of B=10 on a CPU.
+    """
+    layers = ("fc1", "fc2", "fc3")
+    h = [x.flatten(2)]                                               # (m, W, 784)
+    for i, name in enumerate(layers):
+        z = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h[-1], params[f"{name}.weight"].transpose(1, 2))
+        h.append(z.relu_() if i < len(layers) - 1 else z)
+    log_p = h.pop().log_softmax(-1)                                   # (m, W, 10)
+    per_example = mask / mask.sum(1, keepdim=True).clamp(min=1)       # 1/n for real rows, 0 for padding
+    loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * per_example).sum(1)
+    g = log_p.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(log_p[..., :1]))
+    g.mul_(per_example.unsqueeze(-1))                                 # dL/dlogits, (m, W, 10)
+    for i in reversed(range(len(layers))):
+        weight, bias = params[f"{layers[i]}.weight"], params[f"{layers[i]}.bias"]
+        below = torch.bmm(g, weight).mul_(h[i] > 0) if i > 0 else None   # before W_i changes
+        weight.baddbmm_(g.transpose(1, 2), h[i], alpha=-lr)
+        bias.sub_(g.sum(1), alpha=lr)
+        g = below
+    return loss
 
 
 def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
