@@ -1,0 +1,326 @@
+"""A real Flower federation on this machine: one SuperLink, several SuperNodes, one run.
+
+    python -m fedlib.flower.deploy --supernodes 3 --rounds 2
+
+starts, as separate processes on 127.0.0.1 (free ports chosen at start):
+
+1. ``flower-superlink --insecure``: the server side, which hosts the ServerApp;
+2. ``flower-supernode --insecure --node-config "partition-id=k num-partitions=K"``
+   for k = 0, 1, ...: each holds client k's partition of fedlib's split of MNIST;
+3. ``flwr run <app> --stream``: submits the app (``pyproject.toml`` of this folder)
+   to the SuperLink and prints its log until the run ends;
+
+then stops every process it started. Each process is started in its own process
+group, and all groups are terminated (SIGTERM, then SIGKILL after a grace period)
+whatever happens: normal end, an error, Ctrl-C or SIGTERM to this script. All
+Flower state (``FLWR_HOME``: its configuration, installed app bundles) lives in a
+temporary folder that is removed at the end, so nothing is left behind.
+
+``--stop-in-round R`` stops SuperNode 0 (SIGTERM to its process group) as soon as
+round R has begun, while its clients train, to show what Flower does when a client
+goes away. ``--log summary`` prints only the lines that say what happened, with
+ports and paths replaced by placeholders, so that the output is the same from run
+to run except for the timings ("took ... s").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlib.metrics import History
+
+APP_PYPROJECT = Path(__file__).with_name("pyproject.toml")
+CONNECTION = "fedlib-local"
+LOG_LEVELS = ("all", "summary", "none")
+# Flower log lines that say what a round did (for --log summary), and our own per-round line.
+SUMMARY_LINE = re.compile(r"\[ROUND \d+/|configure_train|aggregate_train|Received error|^round \d+:")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until ``process`` accepts TCP connections on ``port``; raise if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+@dataclass
+class DeployResult:
+    """What a deployed run produced: its History, its log, and how long things took.
+
+    startup_seconds: from launching the SuperLink to its API answering.
+    run_seconds: from ``flwr run`` to the end of the run (app bundle, SuperNode
+        connection, every round). stopped: the SuperNodes stopped on purpose.
+    """
+
+    history: History
+    log: list[str]
+    startup_seconds: float
+    run_seconds: float
+    stopped: list[int] = field(default_factory=list)
+
+
+class LocalFederation:
+    """A SuperLink and ``num_supernodes`` SuperNodes as processes on 127.0.0.1.
+
+    Use as a context manager: every process is stopped and the working folder
+    removed on exit, also after an exception or Ctrl-C.
+
+    num_supernodes: how many SuperNodes (clients) to start; SuperNode k holds
+        partition k of a K-client split. num_clients: K (default: num_supernodes).
+    log: what to print: ``all`` (every command and log line), ``summary`` (commands
+        and the lines that say what happened, ports and paths as placeholders), ``none``.
+    """
+
+    def __init__(self, num_supernodes: int, num_clients: int | None = None, grace: float = 10.0,
+                 log: str = "all") -> None:
+        num_clients = num_supernodes if num_clients is None else num_clients
+        if num_supernodes < 1:
+            raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
+        if num_clients < num_supernodes:
+            raise ValueError(f"num_clients (K) must be >= num_supernodes ({num_supernodes}), got {num_clients}")
+        if log not in LOG_LEVELS:
+            raise ValueError(f"log must be one of {LOG_LEVELS}, got {log!r}")
+        self.log = log
+        self.workdir = Path(tempfile.mkdtemp(prefix="fedlib-flower-"))
+        self.placeholders: dict[str, str] = {str(self.workdir): "<tmp>"}
+        self.num_supernodes = num_supernodes
+        self.num_clients = num_clients
+        self.grace = grace
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port = 0
+        self.startup_seconds = 0.0
+        bin_dir = str(Path(sys.executable).parent)
+        # The Flower executables (flower-superexec, flwr-serverapp, ...) start each other by name.
+        self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"),
+                    "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+    def command(self, name: str) -> str:
+        return str(Path(sys.executable).parent / name)
+
+    def say(self, line: str, flower: bool = False) -> None:
+        """Print one line as ``log`` says; ``flower``: a line of Flower's own run log."""
+        if self.log == "none" or (self.log == "summary" and flower and not SUMMARY_LINE.search(line)):
+            return
+        if self.log == "summary":
+            for value, name in self.placeholders.items():
+                line = line.replace(value, name)
+            line = re.sub(r"node \d+", "node <id>", line)
+        print(line, flush=True)
+
+    def _spawn(self, key: str, args: list[str]) -> subprocess.Popen:
+        self.say("$ " + " ".join([Path(args[0]).name] + [a if " " not in a else f'"{a}"' for a in args[1:]]))
+        with open(self.workdir / f"{key}.log", "w") as log:
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                       start_new_session=True)  # its own process group, to stop it whole
+        self.processes[key] = process
+        return process
+
+    def start(self) -> "LocalFederation":
+        """Start the SuperLink, wait until it listens, then start the SuperNodes."""
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True)
+        self.say(f"# working folder {self.workdir}")
+        self.port = free_port()
+        self.placeholders.update({f"127.0.0.1:{self.port}": "127.0.0.1:<port>",
+                                  f"--port {self.port}": "--port <port>"})
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        app = self.workdir / "app"
+        app.mkdir()
+        shutil.copy(APP_PYPROJECT, app / "pyproject.toml")
+
+        began = time.perf_counter()
+        superlink = self._spawn("superlink", [
+            self.command("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation"])
+        wait_for_port(self.port, superlink, timeout=60)
+        self.startup_seconds = time.perf_counter() - began
+        self.say(f"# the SuperLink answers on 127.0.0.1:{self.port}: took {self.startup_seconds:.1f} s")
+        for k in range(self.num_supernodes):
+            port = free_port()
+            self.placeholders[f"--port {port}"] = f"--port <port {k}>"
+            self._spawn(f"supernode-{k}", [
+                self.command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(port), "--node-config", f"partition-id={k} num-partitions={self.num_clients}"])
+        return self
+
+    def stop(self, *keys: str) -> None:
+        """Stop started processes and everything they started (their process groups).
+
+        SIGTERM to every group at once (a SuperNode then signs off at the SuperLink),
+        SIGKILL to whatever is left after ``grace`` seconds.
+        """
+        processes = [self.processes[key] for key in keys]
+        for process in processes:
+            _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            # Also children that outlived their parent: they still carry the group id.
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def close(self) -> None:
+        """Stop every process group, then remove the working folder."""
+        self.stop(*self.processes)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, key: str, lines: int = 30) -> str:
+        path = self.workdir / f"{key}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def run(self, run_config: dict[str, object], *, stop_in_round: int | None = None,
+            timeout: float = 600) -> DeployResult:
+        """``flwr run`` the app with ``run_config`` overrides and wait for its end.
+
+        stop_in_round: stop SuperNode 0 as soon as the log shows that round R began.
+        """
+        history_path = self.workdir / "history.json"
+        overrides = {**run_config, "min-nodes": self.num_supernodes, "num-clients": self.num_clients,
+                     "history-path": str(history_path)}
+        pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+        args = [self.command("flwr"), "run", str(self.workdir / "app"), CONNECTION, "--stream", "--run-config", pairs]
+        self.say("$ flwr " + " ".join(a if " " not in a else f"'{a}'" for a in args[1:]))
+        began = time.perf_counter()
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**self.env, "NO_COLOR": "1", "TERM": "dumb"}, start_new_session=True)
+        self.processes["flwr-run"] = process
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+        log: list[str] = []
+        stopped: list[int] = []
+        deadline = time.monotonic() + timeout
+        while (line := _next_line(lines, deadline)) is not None:  # None: `flwr run` closed its output
+            line = _strip_ansi(line.rstrip())
+            log.append(line)
+            self.say(line, flower=True)
+            if stop_in_round is not None and not stopped and f"[ROUND {stop_in_round}/" in line:
+                self.stop("supernode-0")
+                stopped.append(0)
+                self.say(f"# stopped SuperNode 0 (partition 0) while round {stop_in_round} runs")
+        process.wait()
+        if not history_path.exists():
+            raise RuntimeError("the run ended without writing its history; SuperLink log:\n"
+                               + self.log_tail("superlink"))
+        return DeployResult(History.load(history_path), log, self.startup_seconds,
+                            time.perf_counter() - began, stopped)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+
+
+def _pump(stream, lines: "queue.Queue[str | None]") -> None:
+    """Copy a process's output into a queue, line by line; None marks its end."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _next_line(lines: "queue.Queue[str | None]", deadline: float) -> str | None:
+    try:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise TimeoutError("the run did not finish in time") from None
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedlib.flower.deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--supernodes", type=int, default=3, help="SuperNodes (clients) to start")
+    parser.add_argument("--num-clients", type=int, default=None,
+                        help="K of the partition; SuperNode k holds partition k (default: --supernodes)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--frac", type=float, default=1.0, help="C: fraction of the connected SuperNodes per round")
+    parser.add_argument("--partition", default="iid")
+    parser.add_argument("--model", default="2nn")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", default="10", help='B, or "inf"')
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-in-round", type=int, default=None,
+                        help="stop SuperNode 0 as soon as this round has begun")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds the run may take")
+    parser.add_argument("--log", choices=LOG_LEVELS, default="all",
+                        help="all: every log line; summary: what happened, without ports and paths")
+    parser.add_argument("--out", default=None, help="write the run's History here (JSON)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.stop_in_round is not None and not 1 <= args.stop_in_round <= args.rounds:
+        parser.error(f"--stop-in-round must be in [1, {args.rounds}], got {args.stop_in_round}")
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up on SIGTERM like on Ctrl-C
+    run_config = {"rounds": args.rounds, "frac": args.frac, "partition": args.partition, "model": args.model,
+                  "local-epochs": args.local_epochs, "batch-size": args.batch_size if args.batch_size == "inf"
+                  else int(args.batch_size), "lr": args.lr, "seed": args.seed}
+    began = time.perf_counter()
+    try:
+        with LocalFederation(args.supernodes, args.num_clients, log=args.log) as federation:
+            result = federation.run(run_config, stop_in_round=args.stop_in_round, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("# interrupted: every process was stopped", file=sys.stderr)
+        return 130
+    history = result.history
+    print(f"# all processes stopped; the whole deployment took {time.perf_counter() - began:.1f} s", flush=True)
+    for record in history.records:
+        print(f"# round {record.round}: clients {record.clients}, test accuracy {record.test_accuracy:.4f}, "
+              f"took {record.seconds:.1f} s", flush=True)
+    if args.out:
+        history.save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
