@@ -13,9 +13,15 @@ export FEDLIB_DATA ?= $(CURDIR)/data
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# What reading and building needs (make run); the tests add pytest, nbval's tools and Flower,
+# resolved together with the rest in one pip run so no package is upgraded behind another's back.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[pinned,test,lessons]"
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,test,flower]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,7 +34,7 @@ run: book
 NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope \
 	--nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-test: setup
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 	$(NBVAL) notebooks
 
@@ -42,11 +48,7 @@ notebooks: setup
 # is stored with its outputs (the build renders them, it never runs them), build the site with
 # warnings as errors (--all: every page re-read, so no warning hides in an unchanged page),
 # then print the path of the front page.
-$(VENV)/.installed-book: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[pinned,book]"
-	touch $@
-
-book: $(VENV)/.installed-book
+book: setup
 	$(BIN)/python book/check_outputs.py
 	$(BIN)/jupyter-book build . -W -n --keep-going --all --quiet
 	@echo "$(CURDIR)/_build/html/index.html"
