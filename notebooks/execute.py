@@ -24,13 +24,23 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 TIMEOUT_S = 600   # per cell; the quick profile needs seconds
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def clean_metadata(nb: nbformat.NotebookNode) -> None:
-    """Keep the kernel and the language name; drop everything else (widget state, authors, Colab)."""
+    """Keep the kernel and the language name; drop everything else (widget state, authors, Colab).
+
+    A widget's output keeps its view, which points at a widget model that is not stored;
+    its random model id is replaced by one named after the cell, so that re-executing an
+    unchanged lesson leaves the file unchanged.
+    """
     nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
     for cell in nb.cells:
         cell.metadata = nbformat.from_dict({k: v for k, v in cell.metadata.items() if k == "tags"})
-        for output in cell.get("outputs", []):
+        for i, output in enumerate(cell.get("outputs", [])):
             output.get("metadata", {}).pop("transient", None)
+            if WIDGET_VIEW in output.get("data", {}):
+                output.data[WIDGET_VIEW]["model_id"] = f"{cell.id}-widget-{i}"
 
 
 def kernel_cpu_seconds() -> float:

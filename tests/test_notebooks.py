@@ -128,8 +128,12 @@ def load_execute_script():
 
 
 def test_execute_script_strips_widget_state_and_personal_metadata():
+    view = {"version_major": 2, "version_minor": 0, "model_id": "5f1c0e2a9b7d4c3e8a6f0d1b2c3e4f5a"}
+    widget_output = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": view, "text/plain": "VBox()"})
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1", metadata={"tags": ["hide-input"],
-                                                                                    "colab": {"id": "x"}})])
+                                                                                    "colab": {"id": "x"}},
+                                                                   outputs=[widget_output])])
     nb.metadata.update({"widgets": {"application/vnd.jupyter.widget-state+json": {}},
                         "colab": {"provenance": []}, "authors": [{"name": "someone"}],
                         "kernelspec": {"name": "something-else"}})
@@ -137,6 +141,8 @@ def test_execute_script_strips_widget_state_and_personal_metadata():
     assert set(nb.metadata) == {"kernelspec", "language_info"}
     assert nb.metadata.kernelspec.name == "python3"
     assert dict(nb.cells[0].metadata) == {"tags": ["hide-input"]}
+    model_id = nb.cells[0].outputs[0].data["application/vnd.jupyter.widget-view+json"]["model_id"]
+    assert model_id == f"{nb.cells[0].id}-widget-0", "re-running an unchanged lesson changes nothing"
 
 
 @pytest.fixture
