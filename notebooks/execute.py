@@ -5,7 +5,8 @@ they are produced one way only: on the CPU, in the quick profile, by this script
 After execution the notebook keeps only what is needed to read and re-run it: no
 widget state, no timing or personal metadata, kernel ``python3``.
 
-Usage: python notebooks/execute.py [NOTEBOOK ...]   (default: every notebooks/[0-9]*.ipynb)
+Usage: python notebooks/execute.py [--metadata-only] [NOTEBOOK ...]
+(default: every notebooks/[0-9]*.ipynb; --metadata-only cleans the metadata without executing)
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+# What the IPython kernel reports, less the exact Python version; pygments_lexer ipython3
+# lets the book highlight %pip lines as IPython rather than fail on them as Python.
+LANGUAGE_INFO = {"name": "python", "pygments_lexer": "ipython3", "codemirror_mode": {"name": "ipython", "version": 3},
+                 "file_extension": ".py", "mimetype": "text/x-python", "nbconvert_exporter": "python"}
 TIMEOUT_S = 600   # per cell; the quick profile needs seconds
 
 
@@ -28,13 +33,13 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> None:
-    """Keep the kernel and the language name; drop everything else (widget state, authors, Colab).
+    """Keep the kernel and the language; drop everything else (widget state, authors, Colab).
 
     A widget's output keeps its view, which points at a widget model that is not stored;
     its random model id is replaced by one named after the cell, so that re-executing an
     unchanged lesson leaves the file unchanged.
     """
-    nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
+    nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": LANGUAGE_INFO})
     for cell in nb.cells:
         cell.metadata = nbformat.from_dict({k: v for k, v in cell.metadata.items() if k == "tags"})
         for i, output in enumerate(cell.get("outputs", [])):
@@ -72,11 +77,20 @@ def execute(path: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str]) -> int:
+    metadata_only = "--metadata-only" in argv
+    argv = [a for a in argv if a != "--metadata-only"]
     os.environ.setdefault("FEDLIB_PROFILE", "quick")
     os.environ.setdefault("FEDLIB_DEVICE", "cpu")
     if os.environ["FEDLIB_PROFILE"] != "quick" or os.environ["FEDLIB_DEVICE"] != "cpu":
         print("note: stored outputs are meant to be FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu", file=sys.stderr)
     paths = [Path(a) for a in argv] or sorted(HERE.glob("[0-9]*.ipynb"))
+    if metadata_only:
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            clean_metadata(nb)
+            nbformat.write(nb, path)
+            print(f"{path.name}: metadata cleaned")
+        return 0
     total = total_cpu = 0.0
     for path in paths:
         seconds, cpu_seconds = execute(path)

@@ -68,6 +68,7 @@ def test_metadata_is_clean_and_kernel_is_python3(path):
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
     assert set(nb.metadata) <= {"kernelspec", "language_info"}, f"stray metadata: {set(nb.metadata)}"
+    assert nb.metadata.language_info.get("pygments_lexer") == "ipython3", "the book highlights %pip as IPython"
     for cell in nb.cells:
         assert set(cell.metadata) <= {"tags"}, f"stray cell metadata: {dict(cell.metadata)}"
 
