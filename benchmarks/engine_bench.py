@@ -244,7 +244,7 @@ def main() -> None:
             print(f"\nevaluation on the 10,000 test images (batches of 2,000, no autograd): {evals}\n")
 
         if not (args.quick or args.no_memory or source != "real MNIST"):
-            threads = fedlib.set_threads() if device.type == "cpu" else 1
+            threads = thread_counts[0] if device.type == "cpu" else 1
             for epochs, batch_size, rounds_run in ((5, 10, 2), (1, None, 3)):
                 b = "inf" if batch_size is None else batch_size
                 rss = peak_memory("auto", epochs, batch_size, rounds_run, threads, device)

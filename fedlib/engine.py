@@ -77,6 +77,23 @@ def vectorized_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+# On a CPU, ``auto`` trains models with more weights than this one client at a time:
+# for the paper's CNN (6.6 MB) the m stacked copies overflow the CPU's cache and each
+# client's batch already keeps the convolution kernels busy, so the sequential engine
+# was measured faster (benchmarks/README.md). The small models stay vectorised.
+CPU_VECTORIZED_MAX_MODEL_BYTES = 4 * 2**20
+
+
+def sequential_is_faster(model: nn.Module) -> str | None:
+    """Why ``auto`` should pick the sequential engine for ``model`` on its device, or None."""
+    device = next(model.parameters()).device
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.type == "cpu" and size > CPU_VECTORIZED_MAX_MODEL_BYTES:
+        return (f"on the CPU a model of {size / 2**20:.1f} MB trains faster one client at a time "
+                f"(more than {CPU_VECTORIZED_MAX_MODEL_BYTES // 2**20} MB; see benchmarks/README.md)")
+    return None
+
+
 @dataclass
 class StackedResult:
     """What the m clients of a round send back, stacked along a leading client axis.

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fedlib.client import ClientResult, Weights, check_hyperparameters, local_update
 from fedlib.data import DATASETS, Dataset, load_dataset
-from fedlib.engine import vectorized_local_updates, vectorized_unsupported_reason
+from fedlib.engine import sequential_is_faster, vectorized_local_updates, vectorized_unsupported_reason
 from fedlib.metrics import History, RoundRecord, atomic_write_bytes, evaluate
 from fedlib.models import MODELS, build_model, model_bytes
 from fedlib.partition import PARTITIONS, make_partition
@@ -134,12 +134,14 @@ class FedAvgConfig:
 
 
 def resolve_engine(engine: str, model: nn.Module) -> str:
-    """The engine that will run: ``auto`` is the vectorised one wherever it applies.
+    """The engine that will run: ``auto`` is the faster one for this model and device.
 
     ``vectorized`` trains all clients of a round at once (``fedlib.engine``);
     ``sequential`` trains them one after another with ``local_update``. Both give
-    the same weights. ``auto`` falls back to ``sequential`` only for a model the
-    vectorised engine cannot run, and warns with the reason.
+    the same weights. ``auto`` is ``vectorized`` except for a model the vectorised
+    engine cannot run (it warns with the reason) and, on a CPU, for a model as large
+    as the paper's CNN, which was measured faster sequentially (``fedlib.engine.
+    sequential_is_faster``; ``history.config["engine_used"]`` records the choice).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -149,7 +151,9 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     if engine == "auto" and reason:
         warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=2)
         return "sequential"
-    return "sequential" if engine == "sequential" else "vectorized"
+    if engine == "auto":
+        return "sequential" if sequential_is_faster(model) else "vectorized"
+    return engine
 
 
 def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],

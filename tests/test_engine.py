@@ -149,6 +149,9 @@ def test_dropout_model_runs_end_to_end(small):
 def test_engine_names_and_fallback():
     model = build_model("2nn")
     assert resolve_engine("auto", model) == "vectorized"
+    assert resolve_engine("auto", build_model("cnn-small")) == "vectorized"
+    assert resolve_engine("auto", build_model("cnn")) == "sequential"      # measured faster on a CPU
+    assert resolve_engine("vectorized", build_model("cnn")) == "vectorized"
     assert resolve_engine("sequential", model) == "sequential"
     with pytest.raises(ValueError, match="engine"):
         resolve_engine("fast", model)
