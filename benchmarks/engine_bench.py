@@ -8,8 +8,9 @@ median of ``--rounds`` rounds after a warm-up round), examples per second, the
 achieved GFLOP/s from an analytic FLOP count of the model (training ~ 3x the
 forward pass), and that figure as a fraction of the machine's own peak, measured in
 the same run as the best of a few large float32 matrix products at the same thread
-count. The header notes the machine, versions and load average (other processes
-on the machine make every number slower). Then it times the evaluation of each
+count. The header notes the machine, versions and load average, and each row the
+CPU seconds of the round (all threads together): on an idle machine that is about
+the thread count times the wall time; less means other processes took the cores. Then it times the evaluation of each
 model on the 10,000 test images and, unless ``--no-memory``, the peak resident
 memory of whole MNIST CNN runs in a fresh process.
 
