@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_number(int, 0), default=d.seed, help="the one seed of the run")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     train.add_argument("--engine", choices=ENGINES, default=d.engine,
-                       help="vectorized trains a round's clients together; auto uses it wherever it applies")
+                       help="vectorized trains a round's clients together, sequential one after another "
+                            "(same weights); auto picks the faster (sequential for the paper's CNN on a CPU)")
     train.add_argument("--eval-every", type=_number(int, 1), default=d.eval_every)
     train.add_argument("--momentum", type=_number(float, 0, 0.999), default=d.momentum)
     train.add_argument("--weight-decay", type=_number(float, 0), default=d.weight_decay)

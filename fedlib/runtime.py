@@ -30,14 +30,16 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
 def set_threads(num_threads: int | None = None) -> int:
     """Fix PyTorch's CPU thread count (default 1) and return it.
 
-    The paper's models are tiny (a 2NN step on B=10 is ~12 MFLOP), so most of a
-    step's cost is overhead, and intra-op threads must wake and synchronise on
-    every operation. When anything else competes for the cores (a notebook
-    kernel, a test worker, the operating system) that synchronisation stalls: on
-    our 2-core machine, two rounds of the 2NN (C=0.1, E=1, B=10) took 0.7 s with
-    1 thread and 29.7 s with 2 threads while another process was busy. One thread
-    is never far from the best and never that bad; set ``FEDLIB_THREADS`` (or pass
-    ``num_threads``) for large models on an otherwise idle machine.
+    The paper's models are tiny (a 2NN step on B=10 is ~12 MFLOP), so intra-op
+    threads must wake and synchronise for very little work each. On an idle
+    2-core machine two threads still pay off for the vectorised engine (2NN 2.3x,
+    paper CNN 1.7x faster than one thread; benchmarks/README.md), but when
+    anything else competes for the cores (a notebook kernel, a test worker) the
+    synchronisation stalls: one sequential 2NN round took 0.75 s with 1 thread and
+    17.4 s with 2 on a busy machine. One thread is never far from the best and
+    never that bad, and it makes results independent of the machine's core count,
+    so it is the default; set ``FEDLIB_THREADS=2`` (or pass ``num_threads``) on an
+    idle machine.
     """
     if num_threads is None:
         env = os.environ.get("FEDLIB_THREADS")
