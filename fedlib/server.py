@@ -17,6 +17,7 @@ test-set evaluation after each round and a :class:`~fedlib.metrics.History`.
 
 from __future__ import annotations
 
+import io
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -156,17 +157,22 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     return engine
 
 
+def client_generator(seed: int, t: int, k: int) -> torch.Generator:
+    """Client k's shuffling stream in round t, derived from the run's one seed, so both
+    engines (and a resumed run) draw exactly the same minibatches."""
+    return torch.Generator().manual_seed(derive_seed(seed, 2, t, int(k)))
+
+
 def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
                    selected: np.ndarray, config: FedAvgConfig, t: int) -> list[ClientResult]:
     """ClientUpdate(k, w_t) for every k in S_t, one client after another."""
     results = []
     for k in selected:
         idx = client_indices[k]
-        shuffle = torch.Generator().manual_seed(derive_seed(config.seed, 2, t, int(k)))
         results.append(local_update(model, data.x_train[idx], data.y_train[idx], weights=w_t,
                                     epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                                     momentum=config.momentum, weight_decay=config.weight_decay,
-                                    generator=shuffle))
+                                    generator=client_generator(config.seed, t, k)))
     return results
 
 
@@ -179,7 +185,7 @@ def run_round(model: nn.Module, w_t: Weights, data: Dataset, client_indices: lis
     """
     torch.manual_seed(derive_seed(config.seed, 3, t))       # dropout masks of this round
     if engine == "vectorized":                               # all clients at once, same batches
-        shuffles = [torch.Generator().manual_seed(derive_seed(config.seed, 2, t, int(k))) for k in selected]
+        shuffles = [client_generator(config.seed, t, k) for k in selected]
         result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
                                           shuffles, weights=w_t, epochs=config.local_epochs,
                                           batch_size=config.batch_size, lr=config.lr,
@@ -193,7 +199,6 @@ def run_round(model: nn.Module, w_t: Weights, data: Dataset, client_indices: lis
 
 
 def _save_checkpoint(path: Path, config: FedAvgConfig, weights: Weights, history: History) -> None:
-    import io
     buffer = io.BytesIO()
     torch.save({"config": asdict(config), "weights": {k: v.cpu() for k, v in weights.items()},
                 "history": history.to_dict()}, buffer)

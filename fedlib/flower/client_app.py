@@ -23,6 +23,7 @@ from fedlib.client import local_update
 from fedlib.flower.task import client_data, evaluation_data, from_record
 from fedlib.models import build_model
 from fedlib.runtime import derive_seed, set_threads
+from fedlib.server import client_generator
 
 app = ClientApp()
 
@@ -46,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     result = local_update(model, x_k, y_k, weights=msg.content["arrays"].to_torch_state_dict(),
                           epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                           momentum=config.momentum, weight_decay=config.weight_decay,
-                          generator=torch.Generator().manual_seed(derive_seed(config.seed, 2, t, k)))
+                          generator=client_generator(config.seed, t, k))
     metrics = MetricRecord({"train-loss": result.train_loss, "num-examples": result.num_examples,
                             "partition-id": k})
     content = RecordDict({"arrays": ArrayRecord(result.weights), "metrics": metrics})
