@@ -147,6 +147,7 @@ def run_setting(setting: Setting, lr: float, seed: int, out_dir: Path, data: Dat
         "setting": asdict(setting) | {"name": setting.name},
         "lr": lr, "seed": seed, "round_cap": cap,
         "rounds_to_target": needed, "reached": needed is not None,
+        "diverged": not math.isfinite(history.records[-1].train_loss),
         "rounds_run": len(history.records), "best_accuracy": history.best_accuracy,
         "wall_seconds": round(history.seconds, 2), "device": history.device, "versions": history.versions,
         "command": command_for(setting, lr, seed),
@@ -178,13 +179,17 @@ def load_results(out_dir: str | Path) -> list[dict]:
 
 def best_per_setting(results: Iterable[dict]) -> dict[tuple[str, int], dict]:
     """For each (setting name, seed): the run with the fewest rounds to target over the
-    learning-rate grid (the paper's choice); unreached runs lose to reached ones."""
+    learning-rate grid (the paper's choice); a reached run beats an unreached one, which
+    beats a diverged one."""
+    def score(r: dict) -> tuple[int, float]:
+        if r["reached"]:
+            return (0, r["rounds_to_target"])
+        return (2, 0.0) if r.get("diverged") else (1, 0.0)
+
     best: dict[tuple[str, int], dict] = {}
     for r in results:
         key = (r["setting"]["name"], r["seed"])
-        score = r["rounds_to_target"] if r["reached"] else math.inf
-        current = best.get(key)
-        if current is None or score < (current["rounds_to_target"] if current["reached"] else math.inf):
+        if key not in best or score(r) < score(best[key]):
             best[key] = r
     return best
 
@@ -205,7 +210,8 @@ def comparison_rows(table: str, out_dir: str | Path, seed: int = 0) -> list[dict
         if r is None:
             row |= {"ours": "not yet run", "lr": None, "ratio": None}
         elif not r["reached"]:
-            row |= {"ours": f"not reached in {r['round_cap']}", "lr": None, "ratio": None}
+            why = "diverged" if r.get("diverged") else f"not reached in {r['round_cap']}"
+            row |= {"ours": why, "lr": None, "ratio": None}
         else:
             ratio = r["rounds_to_target"] / s.paper_rounds if s.paper_rounds else None
             row |= {"ours": r["rounds_to_target"], "lr": r["lr"], "ratio": ratio}

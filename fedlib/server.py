@@ -18,6 +18,7 @@ test-set evaluation after each round and a :class:`~fedlib.metrics.History`.
 from __future__ import annotations
 
 import io
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -224,6 +225,8 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     the global weights and history are saved to every ``checkpoint_every`` rounds;
     if it exists when the run starts, the run resumes from it and gives the same
     history as an uninterrupted run. on_round: called with each round's record.
+    A run whose training loss becomes inf or nan (too large an lr) stops in that
+    round with a warning: nothing can be learned from then on.
     """
     config.validate()
     device = get_device(config.device)
@@ -265,6 +268,12 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
         history.records.append(record)
         if on_round:
             on_round(record)
+        if not math.isfinite(train_loss):        # diverged: the weights are inf/nan from now on
+            warnings.warn(f"training diverged in round {t} (train loss {train_loss}); the run stops here. "
+                          f"A smaller lr (now {config.lr}) usually helps.", stacklevel=2)
+            if checkpoint:
+                _save_checkpoint(Path(checkpoint), config, w_t, history)
+            break
         if checkpoint and (t % checkpoint_every == 0 or t == config.rounds or (reached and config.stop_at_target)):
             _save_checkpoint(Path(checkpoint), config, w_t, history)
     bar.close()

@@ -164,3 +164,12 @@ def test_run_with_all_clients_every_round():
     history = run(config, data, progress=False)
     assert [r.clients for r in history.records] == [[0, 1, 2, 3]] * 2
     assert history.records[-1].bytes_uploaded == 2 * 4 * 4 * 199_210
+
+
+def test_a_diverging_run_stops_with_a_warning():
+    data = small_data(120)
+    config = FedAvgConfig(num_clients=4, frac=1.0, rounds=20, batch_size=None, lr=1e12, device="cpu")
+    with pytest.warns(UserWarning, match="diverged"):
+        history = run(config, data, progress=False)
+    assert 1 <= len(history.records) < 20
+    assert not np.isfinite(history.records[-1].train_loss)

@@ -80,3 +80,14 @@ def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     ran = rows["2nn-iid-C0.1-E1-B10"]
     assert ran["paper"] == 87
     assert ran["ours"] == "not reached in 2" or isinstance(ran["ours"], float)
+
+
+def test_best_run_prefers_reached_then_unreached_then_diverged():
+    def result(lr, reached, rounds=None, diverged=False):
+        return {"setting": {"name": "s"}, "seed": 0, "lr": lr, "reached": reached,
+                "rounds_to_target": rounds, "diverged": diverged}
+    runs = [result(0.2, False, diverged=True), result(0.1, False), result(0.05, True, 40.0),
+            result(0.02, True, 55.0)]
+    assert R.best_per_setting(runs)[("s", 0)]["lr"] == 0.05
+    assert R.best_per_setting(runs[:2])[("s", 0)]["lr"] == 0.1
+    assert R.best_per_setting(runs[:1])[("s", 0)]["diverged"]
