@@ -60,9 +60,3 @@ def derive_seed(*keys: int) -> int:
     """
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python-side RNGs that model construction and dropout use."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))

@@ -28,6 +28,7 @@ def test_same_seed_same_history_other_seed_other_history(mnist):
     c = run(FedAvgConfig(**{**config.__dict__, "seed": 8}), mnist, progress=False)
     strip = lambda h: [(r.round, r.clients, r.test_accuracy, r.test_loss, r.train_loss) for r in h.records]
     assert strip(a) == strip(b)
+    assert FedAvgConfig.from_dict(a.config) == config      # a saved run's config rebuilds the run
     assert strip(a) != strip(c)
 
 
