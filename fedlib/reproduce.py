@@ -198,15 +198,19 @@ def comparison_rows(table: str, out_dir: str | Path, seed: int = 0) -> list[dict
     """One row per setting of the table: the paper's rounds, ours (best eta), their ratio.
 
     A setting with no saved run shows ``ours = "not yet run"``; one whose runs all
-    stopped at the cap shows ``"not reached"`` (and the cap).
+    stopped at the cap shows ``"not reached"`` (and the cap). ``etas`` says how much of
+    the setting's learning-rate grid has been run (``"2/3"``: the best may still move).
     """
-    best = best_per_setting(load_results(out_dir))
+    results = [r for r in load_results(out_dir) if r["seed"] == seed]
+    best = best_per_setting(results)
     rows = []
     for s in paper_settings(table):
         r = best.get((s.name, seed))
+        tried = {x["lr"] for x in results if x["setting"]["name"] == s.name}
         row = {"setting": s.name, "model": s.model, "partition": s.partition, "C": s.frac,
                "E": s.local_epochs, "B": "inf" if s.batch_size is None else s.batch_size,
-               "u": s.updates_per_round, "paper": s.paper_rounds}
+               "u": s.updates_per_round, "paper": s.paper_rounds,
+               "etas": f"{len(tried & set(s.learning_rates()))}/{len(s.learning_rates())}"}
         if r is None:
             row |= {"ours": "not yet run", "lr": None, "ratio": None}
         elif not r["reached"]:

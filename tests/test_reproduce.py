@@ -80,6 +80,7 @@ def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     ran = rows["2nn-iid-C0.1-E1-B10"]
     assert ran["paper"] == 87
     assert ran["ours"] == "not reached in 2" or isinstance(ran["ours"], float)
+    assert ran["etas"] == "1/3" and rows["2nn-iid-C0.2-E1-B10"]["etas"] == "0/3"
 
 
 def test_best_run_prefers_reached_then_unreached_then_diverged():
