@@ -119,10 +119,14 @@ def run_id(setting: Setting, lr: float, seed: int) -> str:
     return f"{setting.name}-lr{lr:g}-seed{seed}"
 
 
-def command_for(setting: Setting, lr: float, seed: int) -> str:
-    """The command line that produces exactly this run's result file."""
-    return (f"python -m fedlib reproduce --table {setting.table} --only {setting.name} "
-            f"--lr {lr:g} --seeds {seed}")
+def command_for(setting: Setting, lr: float, seed: int, round_cap: int | None = None) -> str:
+    """The command line that produces exactly this run's result file (with ``--max-rounds``
+    where the run had a lower cap than the setting's)."""
+    command = (f"python -m fedlib reproduce --table {setting.table} --only {setting.name} "
+               f"--lr {lr:g} --seeds {seed}")
+    if round_cap is not None and round_cap < setting.round_cap:
+        command += f" --max-rounds {round_cap}"
+    return command
 
 
 def run_setting(setting: Setting, lr: float, seed: int, out_dir: Path, data: Dataset, device: str = "auto",
@@ -150,7 +154,7 @@ def run_setting(setting: Setting, lr: float, seed: int, out_dir: Path, data: Dat
         "diverged": not math.isfinite(history.records[-1].train_loss),
         "rounds_run": len(history.records), "best_accuracy": history.best_accuracy,
         "wall_seconds": round(history.seconds, 2), "device": history.device, "versions": history.versions,
-        "command": command_for(setting, lr, seed),
+        "command": command_for(setting, lr, seed, cap),
         "history": history.to_dict(),
     }
     atomic_write_text(path, json.dumps(result, indent=1))

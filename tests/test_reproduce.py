@@ -61,7 +61,10 @@ def test_sweep_writes_one_file_per_run_and_never_redoes_one(tiny_mnist, tmp_path
     files = sorted(p.name for p in tmp_path.glob("*.json"))
     assert files == ["2nn-iid-C0.1-E1-B10-lr0.05-seed0.json", "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json"]
     saved = json.loads((tmp_path / files[0]).read_text())
-    assert saved["command"] == "python -m fedlib reproduce --table 1 --only 2nn-iid-C0.1-E1-B10 --lr 0.05 --seeds 0"
+    assert saved["command"] == ("python -m fedlib reproduce --table 1 --only 2nn-iid-C0.1-E1-B10 --lr 0.05 "
+                                "--seeds 0 --max-rounds 3")
+    assert R.command_for(setting, 0.05, 0) == R.command_for(setting, 0.05, 0, setting.round_cap)
+    assert "--max-rounds" not in R.command_for(setting, 0.05, 0, setting.round_cap)
     assert {"device", "versions", "wall_seconds", "history", "round_cap"} <= set(saved)
     assert saved["history"]["config"]["seed"] == 0 and saved["history"]["config"]["lr"] == 0.05
 
