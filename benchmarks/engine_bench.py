@@ -10,9 +10,9 @@ forward pass), and that figure as a fraction of the machine's own peak, measured
 the same run as the best of a few large float32 matrix products at the same thread
 count. The header notes the machine, versions and load average, and each row the
 CPU seconds of the round (all threads together): on an idle machine that is about
-the thread count times the wall time; less means other processes took the cores. Then it times the evaluation of each
-model on the 10,000 test images and, unless ``--no-memory``, the peak resident
-memory of whole MNIST CNN runs in a fresh process.
+the thread count times the wall time; less means other processes took the cores.
+Then it times the evaluation of each model on the 10,000 test images and, unless
+``--no-memory``, the peak resident memory of whole MNIST CNN runs in a fresh process.
 
 Rounds are real FedAvg rounds of K=100 IID clients (n_k = 600) on MNIST; the data
 values do not change the timing, so without MNIST under FEDLIB_DATA random images
