@@ -82,7 +82,7 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n_k = len(y)
-    total_loss = torch.zeros((), device=y.device)
+    total_loss = torch.zeros((), device=y.device, dtype=x.dtype)
     for _ in range(epochs):
         for batch in epoch_batches(n_k, batch_size, generator):
             batch = batch.to(y.device)

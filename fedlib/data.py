@@ -72,10 +72,12 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device: str | torch.device) -> "Dataset":
-        """The same dataset with every tensor moved to ``device``."""
-        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device),
-                       self.x_test.to(device), self.y_test.to(device), self.classes)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Dataset":
+        """The same dataset with every tensor moved to ``device`` and the images cast to
+        ``dtype`` (None keeps each); labels stay int64. ``run`` trains in the images'
+        dtype, so ``data.to(dtype=torch.float64)`` gives a float64 run (the tests use it)."""
+        return Dataset(self.name, self.x_train.to(device=device, dtype=dtype), self.y_train.to(device),
+                       self.x_test.to(device=device, dtype=dtype), self.y_test.to(device), self.classes)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

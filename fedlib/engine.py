@@ -112,8 +112,12 @@ class StackedResult:
 
     def average(self) -> Weights:
         """FedAvg: sum_k (n_k / m_t) w_k, the n_k-weighted average over the client axis."""
-        p = self.num_examples.to(torch.float32) / self.num_examples.sum()
-        return {name: torch.tensordot(p.to(w.device), w, dims=1) for name, w in self.weights.items()}
+        return {name: torch.tensordot(self._shares(w), w, dims=1) for name, w in self.weights.items()}
+
+    def _shares(self, like: torch.Tensor) -> torch.Tensor:
+        """(m,) the n_k / m_t, in the dtype and on the device of ``like``."""
+        n = self.num_examples.to(device=like.device, dtype=like.dtype)
+        return n / n.sum()
 
     def mean_train_loss(self) -> float:
         """The clients' training losses averaged with weights n_k, as the sequential round reports."""
@@ -129,11 +133,11 @@ def batch_schedule(client_indices: list[torch.Tensor], generators: list[torch.Ge
     generators: per client, its shuffle generator (consumed as ``local_update`` does).
     Returns ``index`` (S, m, W) int64 training-set indices and ``mask`` (S, m, W)
     float32, 1 for real examples and 0 for padding; S = the most steps any client
-    takes, W = B (or the largest n_k for B = infinity).
+    takes, W = :func:`batch_width`.
     """
     sizes = [len(idx) for idx in client_indices]
-    width = batch_size if batch_size is not None else max(sizes)
-    steps = [epochs * math.ceil(n_k / width) if batch_size is not None else epochs for n_k in sizes]
+    width = batch_width(sizes, batch_size)
+    steps = [epochs * (math.ceil(n_k / batch_size) if batch_size is not None else 1) for n_k in sizes]
     num_steps, m = max(steps), len(sizes)
     local = torch.full((num_steps, m, width), -1, dtype=torch.int64)
     for i, (n_k, generator) in enumerate(zip(sizes, generators)):
@@ -149,6 +153,17 @@ def batch_schedule(client_indices: list[torch.Tensor], generators: list[torch.Ge
         real = mask[:, i]
         index[:, i][real] = idx.cpu()[local[:, i][real]]
     return index, mask.to(torch.float32)
+
+
+def batch_width(sizes: list[int], batch_size: int | None) -> int:
+    """W, the width of one padded step: B, but never more than the largest n_k.
+
+    A client with n_k <= B takes its whole local set as one batch, exactly as with
+    B = infinity, so a B far beyond every n_k (``--batch-size 1000000``) costs no more
+    than B = infinity.
+    """
+    largest = max(sizes)
+    return largest if batch_size is None else min(batch_size, largest)
 
 
 def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -177,7 +192,7 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.train()
     if max_examples_per_step is None:
         max_examples_per_step = MAX_EXAMPLES_PER_STEP.get(x.device.type, MAX_EXAMPLES_PER_STEP["cpu"])
-    width = batch_size if batch_size is not None else max(len(idx) for idx in client_indices)
+    width = batch_width([len(idx) for idx in client_indices], batch_size)
     group = max(1, max_examples_per_step // width)
     parts = [_train_group(model, x, y, client_indices[s:s + group], generators[s:s + group],
                           epochs, batch_size, lr, momentum, weight_decay)
@@ -208,9 +223,10 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
     step = vmap(grad_and_value(client_loss), randomness="different")
     count = mask.sum(2)                                               # (S, m) real examples per step
     all_active = (count > 0).all(1).tolist()                          # steps where no client is done
-    index, mask, count = index.to(device), mask.to(device), count.to(device)
+    index = index.to(device)
+    mask, count = mask.to(device=device, dtype=x.dtype), count.to(device=device, dtype=x.dtype)
     by_hand = isinstance(model, TwoNN) and not momentum and not weight_decay
-    total_loss = torch.zeros(m, device=device)
+    total_loss = torch.zeros(m, device=device, dtype=x.dtype)
     for s in range(index.shape[0]):
         batch = index[s]                                              # (m, W)
         if by_hand:                                                   # same step, ~2x faster on a CPU

@@ -221,7 +221,8 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
         on_round: Callable[[RoundRecord], None] | None = None) -> History:
     """Train with FedAvg as ``config`` says and return the run's History.
 
-    data: a dataset already loaded (else it is loaded by name). checkpoint: a file
+    data: a dataset already loaded (else it is loaded by name); the model trains in
+    the dtype of its images (float32; the tests pass float64). checkpoint: a file
     the global weights and history are saved to every ``checkpoint_every`` rounds;
     if it exists when the run starts, the run resumes from it and gives the same
     history as an uninterrupted run. on_round: called with each round's record.
@@ -232,7 +233,8 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     device = get_device(config.device)
     data = (data or load_dataset(config.dataset)).to(device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes, data.input_shape).to(device)
+    model = build_model(config.model, data.num_classes, data.input_shape)
+    model = model.to(device=device, dtype=data.x_train.dtype)      # float32, or float64 for exact tests
     engine = resolve_engine(config.engine, model)
     partition = make_partition(config.partition, data.y_train, config.num_clients, config.seed,
                                shards_per_client=config.shards_per_client, shard_size=config.shard_size,

@@ -14,6 +14,9 @@ PAPER_2NN = dict(dataset="mnist", model="2nn", partition="iid", num_clients=100,
 
 
 def test_2nn_iid_reaches_90_percent_in_5_rounds(mnist):
+    """Measured: 92.73% with seed 0, and 92.56-92.73% over seeds 0-4 (on an AVX-512 Xeon).
+    Another machine's float rounding perturbs a run by less than a new seed does (same
+    partition, sampling and shuffles), so 90% leaves a margin of 15 times the seed spread."""
     history = run(FedAvgConfig(rounds=5, seed=0, **PAPER_2NN), mnist, progress=False)
     assert history.final_accuracy >= 0.90, history.accuracies
     assert len(history.records) == 5 and all(len(r.clients) == 10 for r in history.records)
