@@ -1,5 +1,5 @@
 """What the lesson notebooks share: how big their experiments are, where they run,
-and the two pictures several lessons draw.
+how their hidden checks compare trained numbers, and the pictures several lessons draw.
 
 One switch decides the size of every experiment in the lessons:
 
@@ -8,14 +8,26 @@ One switch decides the size of every experiment in the lessons:
 - ``full``: the paper's scale (more rounds, more configurations, the CNN trained
   in earnest), meant for a GPU, for example in Colab.
 
-The default is ``full`` when the lesson runs on a GPU and ``quick`` otherwise;
-the environment variable ``FEDLIB_PROFILE=quick|full`` overrides it, and
-``FEDLIB_DEVICE=auto|cpu|cuda`` overrides the device (``make notebooks`` sets
-both to produce the stored outputs on the CPU).
+The default (``auto``) is ``full`` when the lesson runs on a GPU and ``quick``
+otherwise. A reader chooses in the first cell of every lesson (``PROFILE = "quick"``,
+passed to :func:`set_profile`); without a choice there, the environment variable
+``FEDLIB_PROFILE=quick|full`` decides, and ``FEDLIB_DEVICE=auto|cpu|cuda`` overrides
+the device (``make notebooks`` sets both to produce the stored outputs on the CPU).
+
+``FEDLIB_SCALE`` (a number in (0, 1], default 1) shrinks the full profile's sizes
+(:func:`size`) so that a test can run its code paths, the ones a GPU reader runs, on a
+CPU in seconds; what such a cut-down run computes means nothing, so the checks of
+trained numbers are skipped then (:func:`cut_down`).
+
+Numbers that come out of training (accuracies, losses, rounds to a target) depend on
+float rounding, which differs between CPUs, kernels and GPUs. nbval therefore does not
+compare them as text (their cells are tagged ``nbval-ignore-output``); a hidden cell
+checks each with :func:`check_stored`, within a tolerance that says why.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence, TypeVar
 
@@ -25,7 +37,9 @@ import torch
 from fedlib.runtime import DEVICES, get_device
 
 PROFILES = ("quick", "full")
+CHOICES = ("auto",) + PROFILES
 T = TypeVar("T")
+_chosen = "auto"      # the reader's PROFILE from a lesson's first cell
 
 
 def device() -> torch.device:
@@ -36,8 +50,24 @@ def device() -> torch.device:
     return get_device(chosen)
 
 
+def set_profile(choice: str = "auto") -> str:
+    """Take the reader's choice from a lesson's first cell and return the profile that runs.
+
+    choice: ``"quick"`` (minutes anywhere), ``"full"`` (the paper's scale, for a GPU) or
+    ``"auto"`` (``$FEDLIB_PROFILE`` if set, else full on a GPU and quick on a CPU).
+    """
+    global _chosen
+    if choice not in CHOICES:
+        raise ValueError(f"PROFILE must be one of {CHOICES}, got {choice!r}")
+    _chosen = choice
+    return profile()
+
+
 def profile() -> str:
-    """``$FEDLIB_PROFILE`` if set, else ``full`` on a GPU and ``quick`` on a CPU."""
+    """The profile that runs: the reader's :func:`set_profile` choice, else ``$FEDLIB_PROFILE``,
+    else ``full`` on a GPU and ``quick`` on a CPU."""
+    if _chosen != "auto":
+        return _chosen
     chosen = os.environ.get("FEDLIB_PROFILE")
     if not chosen:
         return "full" if device().type == "cuda" else "quick"
@@ -47,13 +77,57 @@ def profile() -> str:
 
 
 def pick(quick: T, full: T) -> T:
-    """The value for the active profile: ``pick(quick=20, full=200)`` is 20 in the quick profile."""
+    """The value for the active profile: ``pick(quick=["iid"], full=["iid", "shards"])``."""
     return quick if profile() == "quick" else full
+
+
+def scale() -> float:
+    """``$FEDLIB_SCALE``, the factor that shrinks the full profile's sizes (default 1)."""
+    text = os.environ.get("FEDLIB_SCALE") or "1"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ValueError(f"FEDLIB_SCALE must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def cut_down() -> bool:
+    """Whether this is a scaled-down full profile (a test of its code paths, not a result)."""
+    return profile() == "full" and scale() < 1
+
+
+def size(quick: int, full: int, minimum: int = 1) -> int:
+    """A count (rounds, epochs, examples) for the active profile: ``size(quick=15, full=300)``.
+
+    In the full profile it is multiplied by :func:`scale`, never below ``minimum``.
+    """
+    if profile() == "quick":
+        return quick
+    return max(minimum, round(full * scale()))
 
 
 def describe() -> str:
     """One line saying which profile runs on which device, e.g. ``profile: quick, device: cpu``."""
-    return f"profile: {profile()}, device: {device().type}"
+    text = f"profile: {profile()}, device: {device().type}"
+    return text + f" (cut down to {scale():g} of its sizes)" if cut_down() else text
+
+
+def check_stored(what: str, value: float, stored: float, within: float) -> None:
+    """Assert that a trained number is within ``within`` of the value stored in the lesson.
+
+    The stored outputs come from the quick profile on a CPU; on another machine float
+    rounding moves a trained number a little (far less than changing the seed does),
+    so it is compared with a tolerance instead of as text. Each call's ``within``
+    comes with a comment saying where it comes from. Only the quick profile has stored
+    values: in the full profile this checks nothing.
+    """
+    if profile() != "quick":
+        return
+    if not abs(value - stored) <= within:
+        raise AssertionError(f"{what} = {value:.6g}, but the lesson stores {stored:g} "
+                             f"(allowed difference {within:g})")
 
 
 def glue(name: str, value: object) -> None:

@@ -5,13 +5,26 @@ they are produced one way only: on the CPU, in the quick profile, by this script
 After execution the notebook keeps only what is needed to read and re-run it: no
 widget state, no timing or personal metadata, kernel ``python3``.
 
-Usage: python notebooks/execute.py [--metadata-only] [NOTEBOOK ...]
-(default: every notebooks/[0-9]*.ipynb; --metadata-only cleans the metadata without executing)
+It also measures how long each lesson took and keeps it in ``notebooks/timings.json``
+(with the machine and the date), which then writes the **Time:** line at the top of
+every lesson and the table of times in ``book/setup.md``: the times a reader sees are
+always the last measurement, never a number typed by hand. Times measured on a GPU
+(``../shared/gpu-check``, the full profile) go into the same file under ``full-gpu``.
+
+Usage: python notebooks/execute.py [--metadata-only | --times-only] [NOTEBOOK ...]
+(default: every notebooks/[0-9]*.ipynb; --metadata-only cleans the metadata without
+executing; --times-only rewrites the time lines and the table from timings.json)
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
+import math
 import os
+import platform
+import re
 import resource
 import sys
 import time
@@ -21,6 +34,10 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+TIMINGS = HERE / "timings.json"
+SETUP_PAGE = HERE.parent / "book" / "setup.md"
+TIME_LINE = re.compile(r"^\*\*Time:\*\*.*$", flags=re.M)
+TABLE = re.compile(r"(<!-- lesson-times:start -->\n).*?(<!-- lesson-times:end -->)", flags=re.S)
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 # What the IPython kernel reports, less the exact Python version; pygments_lexer ipython3
 # lets the book highlight %pip lines as IPython rather than fail on them as Python.
@@ -76,14 +93,99 @@ def execute(path: Path) -> tuple[float, float]:
     return seconds, cpu_seconds
 
 
+def cpu_name() -> str:
+    """The processor, as /proc/cpuinfo names it, with the number of cores."""
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def load_timings() -> dict:
+    return json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+
+
+def record_time(path: Path, seconds: float) -> None:
+    """Store one lesson's quick-profile time in timings.json and rewrite the times shown
+    (under a lock: several lessons may be executed at once)."""
+    with open(HERE / ".timings.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        timings = load_timings()
+        timings.setdefault("quick-cpu", {})[path.stem] = {
+            "seconds": round(seconds, 1), "machine": cpu_name(), "date": datetime.date.today().isoformat()}
+        TIMINGS.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")
+        write_times([path], timings)
+
+
+def minutes(seconds: float) -> str:
+    """'under a minute', 'about 2 minutes': what a reader plans with."""
+    if seconds < 60:
+        return "under a minute"
+    count = max(1, math.ceil(seconds / 60))
+    return f"about {count} minutes"
+
+
+def measured(kind: str, seconds: float, machine: str, date: str) -> str:
+    return f"{minutes(seconds)} in the {kind} (measured: {seconds:.0f} s on {machine}, {date})"
+
+
+def time_line(lesson: str, timings: dict) -> str:
+    """The **Time:** line at the top of a lesson, from the measurements in timings.json."""
+    quick = timings.get("quick-cpu", {}).get(lesson)
+    full = timings.get("full-gpu", {}).get(lesson)
+    first = measured("quick profile on a CPU", **quick) if quick else \
+        "the quick profile on a CPU has not been timed yet"
+    second = measured("full profile on a GPU", **full) if full else \
+        "the full profile on a GPU has not been timed yet (see Setting up)"
+    return f"**Time:** {first}; {second}."
+
+
+def times_table(timings: dict, lessons: list[str]) -> str:
+    """The table of lesson times in book/setup.md, from timings.json."""
+    rows = ["| lesson | quick profile, CPU | full profile, GPU |", "| --- | --- | --- |"]
+    machines = set()
+    for lesson in lessons:
+        cells = []
+        for kind in ("quick-cpu", "full-gpu"):
+            entry = timings.get(kind, {}).get(lesson)
+            cells.append("not measured" if entry is None else f"{entry['seconds']:.0f} s")
+            if entry:
+                machines.add(f"{'quick profile' if kind == 'quick-cpu' else 'full profile'}: "
+                             f"{entry['machine']}, {entry['date']}")
+        rows.append(f"| {lesson} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows) + "\n\nMeasured on " + ("; ".join(sorted(machines)) or "nothing yet") + ".\n"
+
+
+def write_times(paths: list[Path], timings: dict) -> None:
+    """Rewrite the **Time:** line of each lesson and the table in book/setup.md."""
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        first = nb.cells[0]
+        line = time_line(path.stem, timings)
+        if TIME_LINE.search(first.source):
+            first.source = TIME_LINE.sub(line, first.source)
+        else:
+            first.source = first.source.rstrip("\n") + "\n\n" + line
+        nbformat.write(nb, path)
+    lessons = [p.stem for p in sorted(HERE.glob("[0-9]*.ipynb"))]
+    page = SETUP_PAGE.read_text()
+    if TABLE.search(page):
+        SETUP_PAGE.write_text(TABLE.sub(lambda m: m.group(1) + times_table(timings, lessons) + m.group(2), page))
+
+
 def main(argv: list[str]) -> int:
     metadata_only = "--metadata-only" in argv
-    argv = [a for a in argv if a != "--metadata-only"]
+    times_only = "--times-only" in argv
+    argv = [a for a in argv if a not in ("--metadata-only", "--times-only")]
     os.environ.setdefault("FEDLIB_PROFILE", "quick")
     os.environ.setdefault("FEDLIB_DEVICE", "cpu")
     if os.environ["FEDLIB_PROFILE"] != "quick" or os.environ["FEDLIB_DEVICE"] != "cpu":
         print("note: stored outputs are meant to be FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu", file=sys.stderr)
-    paths = [Path(a) for a in argv] or sorted(HERE.glob("[0-9]*.ipynb"))
+    paths = [Path(a).resolve() for a in argv] or sorted(HERE.glob("[0-9]*.ipynb"))
+    if times_only:
+        write_times(paths, load_timings())
+        return 0
     if metadata_only:
         for path in paths:
             nb = nbformat.read(path, as_version=4)
@@ -95,6 +197,7 @@ def main(argv: list[str]) -> int:
     for path in paths:
         seconds, cpu_seconds = execute(path)
         total, total_cpu = total + seconds, total_cpu + cpu_seconds
+        record_time(path, seconds)
         print(f"{path.name}: {seconds:.1f} s ({cpu_seconds:.1f} s of kernel CPU time)", flush=True)
     print(f"all {len(paths)} notebooks: {total:.1f} s ({total_cpu:.1f} s of kernel CPU time)")
     return 0
