@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 import fedlib
-from fedlib import Dataset, FedAvgConfig, build_model, evaluate, iid, load_dataset
-from fedlib.runtime import derive_seed
-from fedlib.server import run_round, sample_clients
+from fedlib import Dataset, FedAvgConfig, build_model, evaluate, load_dataset
+from fedlib.seeds import sampling_rng
+from fedlib.server import initial_model, run_round, sample_clients
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,12 @@ def time_rounds(setting: Setting, engine: str, data: Dataset, rounds: int, devic
     config = FedAvgConfig(model=setting.model, num_clients=100, frac=setting.frac,
                           local_epochs=setting.local_epochs, batch_size=setting.batch_size,
                           lr=0.05, seed=0, engine=engine).validate()
-    torch.manual_seed(0)
-    model = build_model(config.model).to(device)
-    partition = iid(len(data.y_train), config.num_clients, seed=0)
-    client_indices = [torch.as_tensor(p, device=device) for p in partition]
+    model = initial_model(config, device=device)
+    client_indices = [torch.as_tensor(p, device=device) for p in config.split(data.y_train)]
     w_t = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def selected(t: int) -> np.ndarray:
-        return sample_clients(config.num_clients, config.frac, np.random.default_rng(derive_seed(0, 1, t)))
+        return sample_clients(config.num_clients, config.frac, sampling_rng(config.seed, t))
 
     # Warm-up: same shapes, one epoch (first calls build kernels and caches).
     run_round(model, w_t, data, client_indices, selected(0), replace(config, local_epochs=1), 0, engine)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedlib import params as P
+
 Weights = dict[str, torch.Tensor]
 
 
@@ -36,17 +38,12 @@ class ClientResult:
 
 def check_hyperparameters(epochs: int, batch_size: int | None, lr: float,
                           momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-    """Raise ValueError naming any local-training parameter outside its range."""
-    if epochs < 1:
-        raise ValueError(f"epochs (E) must be >= 1, got {epochs}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size (B) must be >= 1 or None for B = infinity, got {batch_size}")
-    if not lr > 0:
-        raise ValueError(f"lr (eta) must be > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    """Raise InputError (a ValueError) naming any local-training parameter outside its range."""
+    P.LOCAL_EPOCHS.check("epochs", epochs)
+    P.BATCH_SIZE.check("batch_size", batch_size)
+    P.LR.check("lr", lr)
+    P.MOMENTUM.check("momentum", momentum)
+    P.WEIGHT_DECAY.check("weight_decay", weight_decay)
 
 
 def epoch_batches(num_examples: int, batch_size: int | None,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torchvision
 
+from fedlib.params import InputError
 from fedlib.runtime import get_device
 
 # Per-channel mean and standard deviation of each training set (pixel values in [0, 1]).
@@ -47,6 +48,10 @@ _REQUIRED_FILES = {
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset files are missing and could not be downloaded."""
+
+
+class DatasetCorruptError(InputError):
+    """The dataset files are there but are not the dataset (truncated, overwritten, another format)."""
 
 
 @dataclass
@@ -103,15 +108,39 @@ def _not_found_message(name: str, root: Path, cause: BaseException) -> str:
 
 def _read_torchvision(name: str, root: Path, train: bool, download: bool):
     cls = _TORCHVISION_CLASS[name]
-    try:
-        return cls(str(root), train=train, download=False)
-    except RuntimeError as missing:
+    if not all((root / f).is_file() for f in _REQUIRED_FILES[name]):
+        missing = RuntimeError("Dataset not found")
         if not download:
             raise DatasetNotFoundError(_not_found_message(name, root, missing)) from None
+        try:
+            return _check_shapes(name, root, cls(str(root), train=train, download=True))
+        except DatasetCorruptError:
+            raise
+        except Exception as failed:  # network errors come as URLError, RuntimeError, OSError...
+            raise DatasetNotFoundError(_not_found_message(name, root, failed)) from None
     try:
-        return cls(str(root), train=train, download=True)
-    except Exception as failed:  # network errors come as URLError, RuntimeError, OSError...
-        raise DatasetNotFoundError(_not_found_message(name, root, failed)) from None
+        return _check_shapes(name, root, cls(str(root), train=train, download=False))
+    except DatasetCorruptError:
+        raise
+    except Exception as unreadable:  # torchvision asserts, reshapes or unpickles: any failure means bad files
+        raise DatasetCorruptError(_corrupt_message(name, root, str(unreadable) or type(unreadable).__name__)) from None
+
+
+def _corrupt_message(name: str, root: Path, reason: str) -> str:
+    folder = _REQUIRED_FILES[name][0].split("/")[0]
+    return (f"the {name} files under {(root / folder).resolve()} cannot be read as {name} "
+            f"({reason.strip().splitlines()[0][:120]}); replace them with the original files")
+
+
+def _check_shapes(name: str, root: Path, raw):
+    """The images and labels of a torchvision dataset must agree in number, and labels be classes."""
+    images, labels = np.asarray(raw.data), np.asarray(raw.targets)
+    expected = 4 if name == "cifar10" else 3
+    if images.ndim != expected or len(images) != len(labels) or len(labels) == 0 \
+            or labels.min() < 0 or labels.max() >= len(raw.classes):
+        raise DatasetCorruptError(_corrupt_message(
+            name, root, f"images {images.shape} and labels {labels.shape} do not make a labelled dataset"))
+    return raw
 
 
 def _to_tensors(name: str, raw) -> tuple[torch.Tensor, torch.Tensor]:

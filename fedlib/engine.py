@@ -99,7 +99,8 @@ class StackedResult:
     """What the m clients of a round send back, stacked along a leading client axis.
 
     weights: name -> (m, *shape); num_examples: (m,) the n_k; train_loss: (m,) each
-    client's mean training loss over its E epochs.
+    client's mean training loss over its E epochs. The server averages them with the
+    same ``fedavg`` as the sequential engine's results.
     """
 
     weights: Weights
@@ -109,20 +110,6 @@ class StackedResult:
     def client(self, i: int) -> Weights:
         """The weights of the i-th client of the round."""
         return {name: w[i] for name, w in self.weights.items()}
-
-    def average(self) -> Weights:
-        """FedAvg: sum_k (n_k / m_t) w_k, the n_k-weighted average over the client axis."""
-        return {name: torch.tensordot(self._shares(w), w, dims=1) for name, w in self.weights.items()}
-
-    def _shares(self, like: torch.Tensor) -> torch.Tensor:
-        """(m,) the n_k / m_t, in the dtype and on the device of ``like``."""
-        n = self.num_examples.to(device=like.device, dtype=like.dtype)
-        return n / n.sum()
-
-    def mean_train_loss(self) -> float:
-        """The clients' training losses averaged with weights n_k, as the sequential round reports."""
-        n = self.num_examples.to(self.train_loss.dtype)
-        return ((self.train_loss * n).sum() / n.sum()).item()
 
 
 def batch_schedule(client_indices: list[torch.Tensor], generators: list[torch.Generator],
@@ -225,7 +212,7 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
     all_active = (count > 0).all(1).tolist()                          # steps where no client is done
     index = index.to(device)
     mask, count = mask.to(device=device, dtype=x.dtype), count.to(device=device, dtype=x.dtype)
-    by_hand = isinstance(model, TwoNN) and not momentum and not weight_decay
+    by_hand = is_paper_2nn(model) and not momentum and not weight_decay
     total_loss = torch.zeros(m, device=device, dtype=x.dtype)
     for s in range(index.shape[0]):
         batch = index[s]                                              # (m, W)
@@ -249,6 +236,12 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
             p.add_(d if active is None else d * _per_client(active, d), alpha=-lr)
     num_examples = torch.tensor([len(idx) for idx in client_indices], device=device)
     return StackedResult(params, num_examples, total_loss / (epochs * num_examples))
+
+
+def is_paper_2nn(model: nn.Module) -> bool:
+    """Whether ``model`` is exactly fedlib's TwoNN (not a subclass that may change its forward):
+    the one architecture :func:`relu_mlp_sgd_step` computes by hand."""
+    return type(model) is TwoNN and [name for name, _ in model.named_children()] == ["fc1", "fc2", "fc3"]
 
 
 @torch.no_grad()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedlib.files import atomic_write_text
+from fedlib.params import InputError
 
 
 @torch.no_grad()
@@ -59,7 +61,7 @@ class RoundRecord:
 def versions() -> dict[str, str]:
     """Versions that decide the numbers a run produces."""
     from fedlib import __version__
-    return {"fedlib": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    return {"fedlib": __version__, "torch": str(torch.__version__), "numpy": str(np.__version__),
             "python": platform.python_version()}
 
 
@@ -107,8 +109,16 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "History":
+        """A History from its saved form; InputError says what is wrong with a malformed one."""
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) \
+                or not isinstance(data.get("records"), list):
+            raise InputError("a history must be a mapping with a 'config' mapping and a 'records' list")
+        names = {f.name for f in fields(RoundRecord)}
+        for i, r in enumerate(data["records"]):
+            if not isinstance(r, dict) or set(r) != names:
+                raise InputError(f"record {i} of the history must have exactly the keys {sorted(names)}")
         return cls(config=data["config"], records=[RoundRecord(**r) for r in data["records"]],
-                   versions=data.get("versions", {}), device=data.get("device", "cpu"))
+                   versions=dict(data.get("versions", {})), device=str(data.get("device", "cpu")))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the history as JSON, whole or not at all."""
@@ -116,28 +126,17 @@ class History:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "History":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so a reader
-    (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+        """Read a history saved by :meth:`save`; InputError names a file that is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InputError(f"no such run file: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"not a fedlib history file: {path} ({error})") from None
+        try:
+            return cls.from_dict(data)
+        except InputError as error:
+            raise InputError(f"not a fedlib history file: {path} ({error})") from None
 
 
 def rounds_to_target(history: History | Sequence[float] | Iterable[tuple[int, float]],

@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedlib import params as P
+from fedlib.params import InputError
+
 Partition = list[np.ndarray]
 
 
@@ -26,10 +29,9 @@ def _as_numpy(labels) -> np.ndarray:
 
 
 def _check_clients(num_clients: int, n: int) -> None:
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    P.NUM_CLIENTS.check("num_clients", num_clients)
     if num_clients > n:
-        raise ValueError(f"num_clients must be <= the number of examples ({n}), got {num_clients}")
+        raise InputError(f"num_clients (K) must be <= the number of examples ({n}), got {num_clients}")
 
 
 def iid(n: int, num_clients: int, seed: int = 0) -> Partition:
@@ -37,8 +39,7 @@ def iid(n: int, num_clients: int, seed: int = 0) -> Partition:
 
     When K does not divide n, the first n mod K clients get one example more.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    P.Range(int, 1).check("n", n)
     _check_clients(num_clients, n)
     order = np.random.default_rng(seed).permutation(n)
     return [part.astype(np.int64) for part in np.array_split(order, num_clients)]
@@ -55,15 +56,13 @@ def shards(labels, num_clients: int, shards_per_client: int = 2, shard_size: int
     """
     y = _as_numpy(labels)
     _check_clients(num_clients, len(y))
-    if shards_per_client < 1:
-        raise ValueError(f"shards_per_client must be >= 1, got {shards_per_client}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
+    P.Range(int, 1).check("shard_size", shard_size)
     num_shards = num_clients * shards_per_client
     if num_shards * shard_size > len(y):
-        raise ValueError(
-            f"shard_size * shards_per_client * num_clients must be <= the number of examples "
-            f"({len(y)}), got {shard_size} * {shards_per_client} * {num_clients} = {num_shards * shard_size}")
+        raise InputError(
+            f"num_clients * shards_per_client * shard_size must be <= the number of examples "
+            f"({len(y)}), got {num_clients} * {shards_per_client} * {shard_size} = {num_shards * shard_size}")
     rng = np.random.default_rng(seed)
     # Ties are broken at random so that, within a digit, which images land in which shard is random.
     by_label = np.lexsort((rng.permutation(len(y)), y))[: num_shards * shard_size]
@@ -84,12 +83,10 @@ def dirichlet(labels, num_clients: int, alpha: float, min_size: int = 10, seed: 
     y = _as_numpy(labels)
     n = len(y)
     _check_clients(num_clients, n)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    P.ALPHA.check("alpha", alpha)
+    P.MIN_SIZE.check("min_size", min_size)
     if min_size * num_clients > n:
-        raise ValueError(f"min_size * num_clients must be <= the number of examples ({n}), "
+        raise InputError(f"min_size * num_clients must be <= the number of examples ({n}), "
                          f"got {min_size} * {num_clients}")
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
@@ -107,7 +104,7 @@ def dirichlet(labels, num_clients: int, alpha: float, min_size: int = 10, seed: 
                 part.extend(piece.tolist())
         if min(len(part) for part in parts) >= min_size:
             return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
-    raise ValueError(f"no split with min_size={min_size} found in {max_tries} draws at alpha={alpha}; "
+    raise InputError(f"no split with min_size={min_size} found in {max_tries} draws at alpha={alpha}; "
                      "lower min_size or raise alpha")
 
 
@@ -119,15 +116,12 @@ def unbalanced(n: int, num_clients: int, sigma: float = 1.0, min_size: int = 10,
     5th and 95th percentile client. Every client gets at least ``min_size`` examples
     and all n examples are used.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    P.Range(int, 1).check("n", n)
     _check_clients(num_clients, n)
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    P.SIGMA.check("sigma", sigma)
+    P.MIN_SIZE.check("min_size", min_size)
     if min_size * num_clients > n:
-        raise ValueError(f"min_size * num_clients must be <= n ({n}), got {min_size} * {num_clients}")
+        raise InputError(f"min_size * num_clients must be <= n ({n}), got {min_size} * {num_clients}")
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, sigma, size=num_clients)
     spare = n - min_size * num_clients
@@ -161,10 +155,15 @@ def make_partition(name: str, labels, num_clients: int, seed: int = 0, *, shards
         return iid(len(y), num_clients, seed)
     if name == "shards":
         if shard_size is None:
-            shard_size = len(y) // max(1, num_clients * shards_per_client)
+            P.NUM_CLIENTS.check("num_clients", num_clients)
+            P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
+            if num_clients * shards_per_client > len(y):
+                raise InputError(f"num_clients * shards_per_client must be <= the number of examples "
+                                 f"({len(y)}), got {num_clients} * {shards_per_client}")
+            shard_size = len(y) // (num_clients * shards_per_client)
         return shards(y, num_clients, shards_per_client, shard_size, seed)
     if name == "dirichlet":
         return dirichlet(y, num_clients, alpha, min_size, seed)
     if name == "unbalanced":
         return unbalanced(len(y), num_clients, sigma, min_size, seed)
-    raise ValueError(f"partition must be one of {PARTITIONS}, got {name!r}")
+    raise InputError(f"partition must be one of {PARTITIONS}, got {name!r}")

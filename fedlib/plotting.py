@@ -43,7 +43,7 @@ def save_accuracy_plot(histories: Sequence[History], path, labels: Sequence[str]
 
     from matplotlib.figure import Figure
 
-    from fedlib.metrics import atomic_write_bytes
+    from fedlib.files import atomic_write_bytes
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     plot_accuracy(histories, labels, ax=figure.add_subplot(), target=target, title=title)

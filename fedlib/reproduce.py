@@ -20,9 +20,12 @@ from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from fedlib.config import FedAvgConfig
 from fedlib.data import Dataset, load_dataset
-from fedlib.metrics import atomic_write_text, rounds_to_target
-from fedlib.server import FedAvgConfig, run
+from fedlib.files import atomic_write_text
+from fedlib.metrics import History, rounds_to_target
+from fedlib.params import InputError
+from fedlib.server import run
 
 NUM_CLIENTS = 100
 EXAMPLES_PER_CLIENT = 600
@@ -41,7 +44,7 @@ LR_GRID: dict[tuple[str, int | None], tuple[float, ...]] = {
 def paper_table(table: str) -> dict:
     """The published table ("1" or "2") as stored in ``paper_mnist.json``."""
     if table not in ("1", "2"):
-        raise ValueError(f"table must be '1' or '2', got {table!r}")
+        raise InputError(f"table must be '1' or '2', got {table!r}")
     data = json.loads(resources.files("fedlib").joinpath("paper_mnist.json").read_text())
     return data[f"table{table}"] | {"citation": data["citation"]}
 
@@ -104,12 +107,12 @@ def paper_settings(table: str) -> list[Setting]:
 
 def select(settings: Sequence[Setting], model: str | None = None, partition: str | None = None,
            names: Sequence[str] | None = None) -> list[Setting]:
-    """The settings matching every filter given; unknown names raise ValueError."""
+    """The settings matching every filter given; unknown names raise InputError."""
     if names:
         known = {s.name for s in settings}
         unknown = sorted(set(names) - known)
         if unknown:
-            raise ValueError(f"names must be settings of this table, got unknown {unknown}; "
+            raise InputError(f"names must be settings of this table, got unknown {unknown}; "
                              f"see 'python -m fedlib reproduce --table N --list'")
     return [s for s in settings if (model is None or s.model == model)
             and (partition is None or s.partition == partition) and (not names or s.name in names)]
@@ -136,7 +139,7 @@ def run_setting(setting: Setting, lr: float, seed: int, out_dir: Path, data: Dat
     path = out_dir / f"{run_id(setting, lr, seed)}.json"
     cap = min(setting.round_cap, max_rounds) if max_rounds else setting.round_cap
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = load_result(path)
         if saved["reached"] or saved["round_cap"] >= cap:   # a run stopped at a lower cap runs again
             return saved
     config = FedAvgConfig(dataset="mnist", model=setting.model, partition=setting.partition,
@@ -176,9 +179,48 @@ def sweep(settings: Sequence[Setting], out_dir: str | Path, lrs: Sequence[float]
     return results
 
 
+# What a result file holds, with the type of each value (None allowed where a tuple says so).
+# "diverged" is missing from the files written before the runner stopped diverged runs.
+RESULT_FIELDS = {"setting": dict, "lr": (int, float), "seed": int, "round_cap": int,
+                 "rounds_to_target": (int, float, type(None)), "reached": bool, "diverged": (bool, type(None)),
+                 "rounds_run": int, "best_accuracy": (int, float, type(None)), "wall_seconds": (int, float),
+                 "device": str, "versions": dict, "command": str, "history": dict}
+
+
+def load_result(path: str | Path) -> dict:
+    """One saved run; InputError names a file that is not a result of this runner."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
+    wrong = [k for k, kind in RESULT_FIELDS.items() if not isinstance(data, dict) or not isinstance(data.get(k), kind)]
+    if not wrong and not isinstance(data["setting"].get("name"), str):
+        wrong = ["setting.name"]
+    if wrong:
+        raise InputError(f"{path} is not a reproduction result (missing or wrong: {', '.join(wrong)}); "
+                         "delete it to run it again")
+    try:
+        History.from_dict(data["history"])
+    except InputError as error:
+        raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
+    return data
+
+
 def load_results(out_dir: str | Path) -> list[dict]:
-    """Every saved run under ``out_dir``."""
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.json"))]
+    """Every saved run under ``out_dir`` (InputError names any file that is not one)."""
+    return [load_result(p) for p in sorted(Path(out_dir).glob("*.json"))]
+
+
+def run_status(setting: Setting, lr: float, seed: int, out_dir: str | Path) -> str:
+    """'done', 'pending', or 'corrupt' (a file is there but is not a result) for one run."""
+    path = Path(out_dir) / f"{run_id(setting, lr, seed)}.json"
+    if not path.exists():
+        return "pending"
+    try:
+        load_result(path)
+    except InputError:
+        return "corrupt"
+    return "done"
 
 
 def best_per_setting(results: Iterable[dict]) -> dict[tuple[str, int], dict]:

@@ -1,4 +1,4 @@
-"""Where the computation runs: device choice, thread count and seeding.
+"""Where the computation runs: device choice and thread count.
 
 Every lesson and the command line call these helpers, so the device is chosen in
 one place and never hard-coded.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
+
+from fedlib import params as P
+from fedlib.params import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -21,9 +23,9 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise InputError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+        raise InputError("device='cuda' was asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -42,21 +44,11 @@ def set_threads(num_threads: int | None = None) -> int:
     idle machine.
     """
     if num_threads is None:
-        env = os.environ.get("FEDLIB_THREADS")
-        num_threads = int(env) if env else 1
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        env = os.environ.get("FEDLIB_THREADS") or "1"
+        try:
+            num_threads = P.THREADS.parse(env)
+        except InputError:
+            raise InputError(f"FEDLIB_THREADS must be {P.THREADS.describe()}, got {env!r}") from None
+    P.THREADS.check("num_threads", num_threads)
     torch.set_num_threads(num_threads)
     return num_threads
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed derived from ``keys`` (for example ``seed, round, client``).
-
-    Deriving every random stream from the run's one seed and the position in the
-    run (rather than drawing from one shared stream) makes a round's randomness
-    independent of what ran before it: a resumed run and a vectorised round see
-    exactly the same numbers as a fresh, sequential one.
-    """
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)

@@ -11,8 +11,11 @@ The paper's Algorithm 1, server side::
         m_t <- sum_{k in S_t} n_k
         w_{t+1} <- sum_{k in S_t} (n_k / m_t) * w_{t+1}^k
 
-FedSGD is the same loop with E=1 and B=infinity. :func:`run` is this loop with a
-test-set evaluation after each round and a :class:`~fedlib.metrics.History`.
+(The weights n_k / m_t, over the round's clients only, are the paper's corrected form of
+Algorithm 1.) FedSGD is the same loop with E = 1 and B = infinity. :func:`run` is this
+loop with an evaluation of the global model after each round, a
+:class:`~fedlib.metrics.History`, and what a long run needs around it: a checkpoint to
+resume from, stopping rules and a progress bar, each in a small helper below the loop.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import io
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,33 +33,42 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedlib.client import ClientResult, Weights, check_hyperparameters, local_update
-from fedlib.data import DATASETS, Dataset, load_dataset
+from fedlib import params as P
+from fedlib.client import ClientResult, Weights, local_update
+from fedlib.config import ENGINES, FedAvgConfig
+from fedlib.data import Dataset, load_dataset
 from fedlib.engine import sequential_is_faster, vectorized_local_updates, vectorized_unsupported_reason
-from fedlib.metrics import History, RoundRecord, atomic_write_bytes, evaluate
-from fedlib.models import MODELS, build_model, model_bytes
-from fedlib.partition import PARTITIONS, make_partition
-from fedlib.runtime import derive_seed, get_device
+from fedlib.files import atomic_write_bytes, check_output
+from fedlib.metrics import History, RoundRecord, evaluate
+from fedlib.models import build_model, model_bytes
+from fedlib.params import InputError
+from fedlib.runtime import get_device
+from fedlib.seeds import dropout_seed, sampling_rng, shuffle_generator
 
-ENGINES = ("auto", "vectorized", "sequential")
+__all__ = ["FedAvgConfig", "RunInterrupted", "fedavg", "initial_model", "num_selected", "resolve_engine",
+           "run", "run_round", "sample_clients", "weighted_mean"]
 
 
 def fedavg(weights_list: Sequence[Weights], num_examples: Sequence[int]) -> Weights:
     """The n_k-weighted average of the clients' weights: sum_k (n_k / m_t) w_k.
 
     weights_list: one state dict per client of the round; num_examples: their n_k.
-    Weighting by n_k / m_t (m_t = the examples of this round's clients) is the
-    form of the paper's erratum.
+    m_t = the examples of this round's clients.
     """
     if len(weights_list) == 0:
-        raise ValueError("weights_list must hold at least one client's weights, got none")
+        raise InputError("weights_list must hold at least one client's weights, got none")
     if len(weights_list) != len(num_examples):
-        raise ValueError(f"num_examples must have one n_k per client ({len(weights_list)}), got {len(num_examples)}")
+        raise InputError(f"num_examples must have one n_k per client ({len(weights_list)}), got {len(num_examples)}")
     if any(n < 0 for n in num_examples) or sum(num_examples) <= 0:
-        raise ValueError(f"num_examples must be >= 0 with a positive sum, got {list(num_examples)}")
+        raise InputError(f"num_examples must be >= 0 with a positive sum, got {list(num_examples)}")
     m_t = float(sum(num_examples))
     return {name: sum((n_k / m_t) * w_k[name] for w_k, n_k in zip(weights_list, num_examples))
             for name in weights_list[0]}
+
+
+def weighted_mean(values: Sequence[float], num_examples: Sequence[int]) -> float:
+    """sum_k (n_k / m_t) v_k: a per-client number (a training loss) averaged like the weights."""
+    return sum(v * n_k for v, n_k in zip(values, num_examples)) / sum(num_examples)
 
 
 def num_selected(num_clients: int, frac: float) -> int:
@@ -65,74 +77,23 @@ def num_selected(num_clients: int, frac: float) -> int:
 
 
 def sample_clients(num_clients: int, frac: float, rng: np.random.Generator) -> np.ndarray:
-    """S_t: m = max(C * K, 1) distinct clients drawn uniformly without replacement."""
-    if num_clients < 1:
-        raise ValueError(f"num_clients (K) must be >= 1, got {num_clients}")
-    if not 0 <= frac <= 1:
-        raise ValueError(f"frac (C) must be in [0, 1], got {frac}")
+    """S_t: m = max(C * K, 1) distinct clients drawn uniformly without replacement, sorted."""
+    P.NUM_CLIENTS.check("num_clients", num_clients)
+    P.FRAC.check("frac", frac)
     return np.sort(rng.choice(num_clients, size=num_selected(num_clients, frac), replace=False))
 
 
-@dataclass
-class FedAvgConfig:
-    """Every knob of a FedAvg run, with the paper's names and MNIST defaults.
+def initial_model(config: FedAvgConfig, num_classes: int = 10, input_shape: tuple[int, ...] | None = None,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with w_0, the initial weights drawn from the run's seed.
 
-    num_clients: K; frac: C (0 means one client per round); local_epochs: E;
-    batch_size: B (None = infinity); lr: eta. The partition's own parameters
-    (shards_per_client, shard_size, alpha, min_size, sigma) are read only by the
-    partition that uses them. One ``seed`` drives partitioning, client sampling,
-    shuffling, dropout and initialisation.
+    fedlib.run, Flower's ServerApp and the lessons all start from this, so their runs
+    begin from the identical model. The caller's random state is left alone.
     """
-
-    dataset: str = "mnist"
-    model: str = "2nn"
-    partition: str = "iid"
-    num_clients: int = 100
-    frac: float = 0.1
-    local_epochs: int = 1
-    batch_size: int | None = 10
-    lr: float = 0.1
-    rounds: int = 10
-    seed: int = 0
-    eval_every: int = 1
-    device: str = "auto"
-    engine: str = "auto"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    shards_per_client: int = 2
-    shard_size: int | None = None
-    alpha: float = 0.5
-    min_size: int = 10
-    sigma: float = 1.0
-    target: float | None = None
-    stop_at_target: bool = False
-
-    def validate(self) -> "FedAvgConfig":
-        """Raise ValueError naming the first parameter outside its allowed range."""
-        choices = {"dataset": DATASETS, "model": tuple(MODELS), "partition": PARTITIONS,
-                   "engine": ENGINES, "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_clients < 1:
-            raise ValueError(f"num_clients (K) must be >= 1, got {self.num_clients}")
-        if not 0 <= self.frac <= 1:
-            raise ValueError(f"frac (C) must be in [0, 1], got {self.frac}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.target is not None and not 0 < self.target <= 1:
-            raise ValueError(f"target must be in (0, 1], got {self.target}")
-        check_hyperparameters(self.local_epochs, self.batch_size, self.lr, self.momentum, self.weight_decay)
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FedAvgConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, num_classes, input_shape)
+    return model.to(device=device, dtype=dtype)
 
 
 def resolve_engine(engine: str, model: nn.Module) -> str:
@@ -146,10 +107,10 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     sequential_is_faster``; ``history.config["engine_used"]`` records the choice).
     """
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
     reason = vectorized_unsupported_reason(model)
     if engine == "vectorized" and reason:
-        raise ValueError(f"engine='vectorized' cannot run this model: {reason}; use 'sequential'")
+        raise InputError(f"engine='vectorized' cannot run this model: {reason}; use 'sequential'")
     if engine == "auto" and reason:
         warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=2)
         return "sequential"
@@ -158,62 +119,49 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     return engine
 
 
-def client_generator(seed: int, t: int, k: int) -> torch.Generator:
-    """Client k's shuffling stream in round t, derived from the run's one seed, so both
-    engines (and a resumed run) draw exactly the same minibatches."""
-    return torch.Generator().manual_seed(derive_seed(seed, 2, t, int(k)))
-
-
 def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
                    selected: np.ndarray, config: FedAvgConfig, t: int) -> list[ClientResult]:
     """ClientUpdate(k, w_t) for every k in S_t, one client after another."""
     results = []
     for k in selected:
         idx = client_indices[k]
+        torch.manual_seed(dropout_seed(config.seed, t, k))
         results.append(local_update(model, data.x_train[idx], data.y_train[idx], weights=w_t,
                                     epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                                     momentum=config.momentum, weight_decay=config.weight_decay,
-                                    generator=client_generator(config.seed, t, k)))
+                                    generator=shuffle_generator(config.seed, t, k)))
     return results
 
 
 def run_round(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
               selected: np.ndarray, config: FedAvgConfig, t: int, engine: str = "sequential"
               ) -> tuple[Weights, float]:
-    """One round: local updates of the clients in S_t, then their n_k-weighted average.
+    """One round: ClientUpdate for the clients in S_t, then their n_k-weighted average.
 
-    Returns w_{t+1} and the clients' mean training loss (weighted by n_k).
+    Returns w_{t+1} and the clients' mean training loss (weighted by n_k, like the weights).
     """
-    torch.manual_seed(derive_seed(config.seed, 3, t))       # dropout masks of this round
-    if engine == "vectorized":                               # all clients at once, same batches
-        shuffles = [client_generator(config.seed, t, k) for k in selected]
+    if engine == "vectorized":                               # all clients at once, the same batches
+        torch.manual_seed(dropout_seed(config.seed, t))
         result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
-                                          shuffles, weights=w_t, epochs=config.local_epochs,
-                                          batch_size=config.batch_size, lr=config.lr,
+                                          [shuffle_generator(config.seed, t, k) for k in selected], weights=w_t,
+                                          epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                                           momentum=config.momentum, weight_decay=config.weight_decay)
-        return result.average(), result.mean_train_loss()
-    results = client_updates(model, w_t, data, client_indices, selected, config, t)
-    n = [r.num_examples for r in results]
-    w_next = fedavg([r.weights for r in results], n)
-    train_loss = sum(r.train_loss * n_k for r, n_k in zip(results, n)) / sum(n)
-    return w_next, train_loss
+        clients = [result.client(i) for i in range(len(selected))]
+        n, losses = result.num_examples.tolist(), result.train_loss.tolist()
+    else:
+        results = client_updates(model, w_t, data, client_indices, selected, config, t)
+        clients, n, losses = [r.weights for r in results], [r.num_examples for r in results], \
+            [r.train_loss for r in results]
+    return fedavg(clients, n), weighted_mean(losses, n)
 
 
-def _save_checkpoint(path: Path, config: FedAvgConfig, weights: Weights, history: History) -> None:
-    buffer = io.BytesIO()
-    torch.save({"config": asdict(config), "weights": {k: v.cpu() for k, v in weights.items()},
-                "history": history.to_dict()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, through the command line) stopped a run; ``rounds_done`` rounds
+    are complete, and saved in ``checkpoint`` if the run had one."""
 
-
-def _load_checkpoint(path: Path, config: FedAvgConfig, device: torch.device) -> tuple[Weights, History] | None:
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["config"] != asdict(config):
-        raise ValueError(f"checkpoint {path} belongs to a run with another configuration; "
-                         "delete it or pass a different checkpoint path")
-    return state["weights"], History.from_dict(state["history"])
+    def __init__(self, rounds_done: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after {rounds_done} complete rounds")
+        self.rounds_done, self.checkpoint = rounds_done, checkpoint
 
 
 def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = True,
@@ -222,63 +170,154 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     """Train with FedAvg as ``config`` says and return the run's History.
 
     data: a dataset already loaded (else it is loaded by name); the model trains in
-    the dtype of its images (float32; the tests pass float64). checkpoint: a file
-    the global weights and history are saved to every ``checkpoint_every`` rounds;
-    if it exists when the run starts, the run resumes from it and gives the same
-    history as an uninterrupted run. on_round: called with each round's record.
-    A run whose training loss becomes inf or nan (too large an lr) stops in that
-    round with a warning: nothing can be learned from then on.
+    the dtype of its images (float32; the tests pass float64). checkpoint: a file the
+    global weights and history are saved to every ``checkpoint_every`` rounds, when the
+    run ends and when it is interrupted; if it exists when the run starts, the run
+    resumes from it and gives the same history as an uninterrupted run. on_round: called
+    with each round's record. A run whose training loss becomes inf or nan (too large
+    an lr) stops in that round with a warning: nothing can be learned from then on.
+    Random numbers come from ``fedlib.seeds``; the caller's random state is left alone.
     """
     config.validate()
+    saver = Checkpoint(checkpoint, config, checkpoint_every) if checkpoint else None
     device = get_device(config.device)
     data = (data or load_dataset(config.dataset)).to(device)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes, data.input_shape)
-    model = model.to(device=device, dtype=data.x_train.dtype)      # float32, or float64 for exact tests
+    model = initial_model(config, data.num_classes, data.input_shape, device, data.x_train.dtype)   # w_0
     engine = resolve_engine(config.engine, model)
-    partition = make_partition(config.partition, data.y_train, config.num_clients, config.seed,
-                               shards_per_client=config.shards_per_client, shard_size=config.shard_size,
-                               alpha=config.alpha, min_size=config.min_size, sigma=config.sigma)
-    client_indices = [torch.as_tensor(p, device=device) for p in partition]
-    w_t = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = History(config=asdict(config), device=str(device))
-    history.config["engine_used"] = engine
+    client_indices = [torch.as_tensor(idx, device=device) for idx in config.split(data.y_train)]   # the P_k
+    w_t = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    history = History(config=asdict(config) | {"engine_used": engine}, device=str(device))
+    if saver:
+        w_t, history = saver.resume(w_t, history, device)
+    done = (w_t, len(history.records))          # the last complete round: what a checkpoint holds
 
-    resumed = _load_checkpoint(Path(checkpoint), config, device) if checkpoint else None
-    if resumed:
-        w_t, history = resumed
-    start = len(history.records) + 1
-    uploaded = history.records[-1].bytes_uploaded if history.records else 0
-    reached = config.target is not None and any(a >= config.target for a in history.accuracies)
-
-    bar = tqdm(range(start, config.rounds + 1), initial=start - 1, total=config.rounds,
-               desc=f"FedAvg {config.model} {config.partition}", disable=not progress, unit="round")
-    for t in bar:
-        if reached and config.stop_at_target:
-            break
-        began = time.perf_counter()
-        selected = sample_clients(config.num_clients, config.frac, np.random.default_rng(derive_seed(config.seed, 1, t)))
-        w_t, train_loss = run_round(model, w_t, data, client_indices, selected, config, t, engine)
-        uploaded += len(selected) * model_bytes(model)
-        accuracy = loss = None
-        if t % config.eval_every == 0 or t == config.rounds:
-            model.load_state_dict(w_t)
-            accuracy, loss = evaluate(model, data.x_test, data.y_test)
-            bar.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.4f}")
-            reached = reached or (config.target is not None and accuracy >= config.target)
-        record = RoundRecord(t, selected.tolist(), accuracy, loss, train_loss, time.perf_counter() - began, uploaded)
-        history.records.append(record)
-        if on_round:
-            on_round(record)
-        if not math.isfinite(train_loss):        # diverged: the weights are inf/nan from now on
-            warnings.warn(f"training diverged in round {t} (train loss {train_loss}); the run stops here. "
-                          f"A smaller lr (now {config.lr}) usually helps.", stacklevel=2)
-            if checkpoint:
-                _save_checkpoint(Path(checkpoint), config, w_t, history)
-            break
-        if checkpoint and (t % checkpoint_every == 0 or t == config.rounds or (reached and config.stop_at_target)):
-            _save_checkpoint(Path(checkpoint), config, w_t, history)
-    bar.close()
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), ProgressBar(config, history, progress) as bar:
+        try:
+            for t in range(len(history.records) + 1, config.rounds + 1):
+                if finished(history, config):
+                    break
+                began = time.perf_counter()
+                S_t = sample_clients(config.num_clients, config.frac, sampling_rng(config.seed, t))
+                w_t, train_loss = run_round(model, w_t, data, client_indices, S_t, config, t, engine)
+                record = round_record(model, w_t, data, config, t, S_t, train_loss, began, history)
+                history.records.append(record)
+                done = (w_t, len(history.records))
+                bar.update_round(record)
+                if saver and (t % saver.every == 0 or finished(history, config) or t == config.rounds):
+                    saver.save(w_t, history)
+                if on_round:
+                    on_round(record)
+        except KeyboardInterrupt:
+            w_done, rounds_done = done
+            del history.records[rounds_done:]
+            if saver:
+                saver.save(w_done, history)
+            raise RunInterrupted(rounds_done, saver.path if saver else None) from None
     model.load_state_dict(w_t)
     history.model = model
     return history
+
+
+# --- what runs around the loop ------------------------------------------------------------------
+
+def diverged(history: History) -> bool:
+    """Whether the last round's training loss is inf or nan (the weights are then useless)."""
+    return bool(history.records) and not math.isfinite(history.records[-1].train_loss)
+
+
+def reached_target(history: History, config: FedAvgConfig) -> bool:
+    return config.target is not None and any(a >= config.target for a in history.accuracies)
+
+
+def finished(history: History, config: FedAvgConfig) -> bool:
+    """Whether the run stops before its last round: it diverged, or reached its target
+    with ``stop_at_target``."""
+    return diverged(history) or (config.stop_at_target and reached_target(history, config))
+
+
+def round_record(model: nn.Module, w_t: Weights, data: Dataset, config: FedAvgConfig, t: int,
+                 selected: np.ndarray, train_loss: float, began: float, history: History) -> RoundRecord:
+    """Round t's record: its clients, training loss and, when due, the test accuracy of w_{t+1}.
+
+    The global model is evaluated every ``eval_every`` rounds, in the last round, and in a
+    round whose training diverged (which ends the run, so it gets a final evaluation).
+    """
+    accuracy = loss = None
+    stops = not math.isfinite(train_loss)
+    if stops:
+        warnings.warn(f"training diverged in round {t} (train loss {train_loss}); the run stops here. "
+                      f"A smaller lr (now {config.lr}) usually helps.", stacklevel=3)
+    if t % config.eval_every == 0 or t == config.rounds or stops:
+        model.load_state_dict(w_t)
+        accuracy, loss = evaluate(model, data.x_test, data.y_test)
+    uploaded = (history.records[-1].bytes_uploaded if history.records else 0) + len(selected) * model_bytes(model)
+    return RoundRecord(t, selected.tolist(), accuracy, loss, train_loss, time.perf_counter() - began, uploaded)
+
+
+class ProgressBar:
+    """A tqdm bar over the rounds that shows the last accuracy; closed however the run ends."""
+
+    def __init__(self, config: FedAvgConfig, history: History, enabled: bool):
+        self.bar = tqdm(total=config.rounds, initial=len(history.records), unit="round", disable=not enabled,
+                        desc=f"FedAvg {config.model} {config.partition}")
+
+    def update_round(self, record: RoundRecord) -> None:
+        if record.test_accuracy is not None:
+            self.bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.test_loss:.4f}")
+        self.bar.update()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+class Checkpoint:
+    """A run's w_t and History in one file, to resume from after a stop.
+
+    The file holds only tensors and plain Python values and is read with
+    ``torch.load(weights_only=True)``, which refuses anything else: a crafted file
+    cannot run code. The path is checked when the run starts, so a path that cannot
+    be written is refused before any training.
+    """
+
+    FORMAT = "fedlib-checkpoint-1"
+
+    def __init__(self, path: str | Path, config: FedAvgConfig, every: int):
+        P.CHECKPOINT_EVERY.check("checkpoint_every", every)
+        self.path = check_output(path)
+        self.config, self.every = config, every
+
+    def save(self, w_t: Weights, history: History) -> None:
+        buffer = io.BytesIO()
+        torch.save({"format": self.FORMAT, "config": asdict(self.config),
+                    "weights": {k: v.detach().cpu() for k, v in w_t.items()}, "history": history.to_dict()}, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def resume(self, w_0: Weights, fresh: History, device: torch.device) -> tuple[Weights, History]:
+        """The saved w_t and History if the file exists (else ``w_0`` and ``fresh``)."""
+        if not self.path.exists():
+            return w_0, fresh
+        fix = "delete it or pass another checkpoint path"
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=True)
+        except Exception as error:                       # whatever the file holds, it is not ours
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint that can be read safely "
+                             f"({reason}); {fix}") from None
+        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+            raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint ({self.FORMAT}); {fix}")
+        if state.get("config") != asdict(self.config):
+            raise InputError(f"checkpoint {self.path} belongs to a run with another configuration; {fix}")
+        weights = state.get("weights")
+        if not isinstance(weights, dict) or {k: tuple(v.shape) for k, v in weights.items()
+                                             if isinstance(v, torch.Tensor)} != {k: tuple(v.shape) for k, v in w_0.items()}:
+            raise InputError(f"checkpoint {self.path} holds weights of another model; {fix}")
+        try:
+            history = History.from_dict(state.get("history"))
+        except InputError as error:
+            raise InputError(f"checkpoint {self.path}: {error}; {fix}") from None
+        history.config["engine_used"] = fresh.config["engine_used"]
+        return {k: v.to(device=device, dtype=w_0[k].dtype) for k, v in weights.items()}, history

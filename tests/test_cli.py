@@ -13,13 +13,13 @@ from tests.test_data import write_fake_mnist
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["train", "--frac", "2"], "--frac: must be <= 1"),
-    (["train", "--frac", "-0.5"], "--frac: must be >= 0"),
-    (["train", "--clients", "0"], "--clients: must be >= 1"),
-    (["train", "--batch-size", "ten"], "--batch-size: expected int"),
-    (["train", "--lr", "0"], "--lr: must be > 0"),
+    (["train", "--frac", "2"], "--frac: must be a finite number in [0, 1], got 2"),
+    (["train", "--frac", "-0.5"], "--frac: must be a finite number in [0, 1], got -0.5"),
+    (["train", "--clients", "0"], "--clients: must be an integer >= 1, got 0"),
+    (["train", "--batch-size", "ten"], "--batch-size: expected an integer, got 'ten'"),
+    (["train", "--lr", "0"], "--lr: must be a finite number > 0, got 0"),
     (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["train", "--partition", "shards", "--clients", "70000"], "num_clients must be <= the number of examples"),
+    (["train", "--partition", "shards", "--clients", "70000"], "num_clients * shards_per_client must be <= the number of examples (100), got 70000 * 2"),
     (["train", "--rounds", "1", "--bogus"], "unrecognized arguments: --bogus"),
     (["plot", "missing.json", "--out", "x.png"], "no such run file: missing.json"),
     ([], "the following arguments are required: command"),
@@ -76,4 +76,4 @@ def test_module_entry_point_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedlib", "train", "--epochs", "0"],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "fedlib train: argument --epochs: must be >= 1, got 0"
+    assert proc.stderr.strip() == "fedlib train: argument --epochs: must be an integer >= 1, got 0"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,9 +45,8 @@ import fedlib.engine
 import fedlib.server
 from fedlib import Dataset, FedAvgConfig, build_model, run
 from fedlib.engine import StackedResult, batch_schedule, vectorized_local_updates
-from fedlib.partition import make_partition
-from fedlib.runtime import derive_seed
-from fedlib.server import resolve_engine, run_round, sample_clients
+from fedlib.seeds import sampling_rng
+from fedlib.server import initial_model, resolve_engine, run_round, sample_clients
 
 U = {torch.float64: torch.finfo(torch.float64).eps / 2, torch.float32: torch.finfo(torch.float32).eps / 2}
 
@@ -95,15 +93,11 @@ class Round:
         self.config = FedAvgConfig(**{**settings, **overrides}).validate()
         self.data = data.to(dtype=dtype)
         self.dtype = dtype
-        torch.manual_seed(self.config.seed)
-        self.model = build_model(self.config.model).to(dtype)
+        self.model = initial_model(self.config, dtype=dtype)
         self.w_t = {k: v.clone() for k, v in self.model.state_dict().items()}
-        partition = make_partition(self.config.partition, data.y_train, self.config.num_clients, self.config.seed,
-                                   shard_size=self.config.shard_size, alpha=self.config.alpha,
-                                   min_size=self.config.min_size, sigma=self.config.sigma)
-        self.client_indices = [torch.as_tensor(p) for p in partition]
+        self.client_indices = [torch.as_tensor(p) for p in self.config.split(data.y_train)]
         self.selected = sample_clients(self.config.num_clients, self.config.frac,
-                                       np.random.default_rng(derive_seed(self.config.seed, 1, 1)))
+                                       sampling_rng(self.config.seed, 1))
         sizes = [len(self.client_indices[k]) for k in self.selected]
         b, e = self.config.batch_size, self.config.local_epochs
         self.steps = max(e * (math.ceil(n_k / b) if b else 1) for n_k in sizes)      # S
@@ -181,10 +175,13 @@ def test_float32_bound_separates_rounding_from_real_differences(small, case):
 # --- deliberately wrong engines: each must fail both checks ---------------------------------
 
 def unweighted_average(monkeypatch):
-    """Average the clients' weights with 1/m instead of n_k / m_t."""
-    monkeypatch.setattr(StackedResult, "_shares",
-                        lambda self, like: torch.full((len(self.num_examples),), 1 / len(self.num_examples),
-                                                      dtype=like.dtype, device=like.device))
+    """Report n_k = 1 for every client, so the server averages with 1/m instead of n_k / m_t."""
+    original = fedlib.server.vectorized_local_updates
+
+    def updates(*args, **kwargs):
+        result = original(*args, **kwargs)
+        return StackedResult(result.weights, torch.ones_like(result.num_examples), result.train_loss)
+    monkeypatch.setattr(fedlib.server, "vectorized_local_updates", updates)
 
 
 def last_batch_skipped(monkeypatch):

@@ -9,6 +9,7 @@ bounded in time by its own timeout. The module is skipped when the ``flower`` ex
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ psutil = pytest.importorskip("psutil")
 
 import fedlib  # noqa: E402
 from fedlib.flower.task import from_record, to_record  # noqa: E402
+from fedlib.params import InputError  # noqa: E402
 from fedlib.server import FedAvgConfig  # noqa: E402
 
 def processes_using(workdir: Path) -> list[str]:
@@ -49,14 +51,44 @@ def test_record_round_trip_keeps_every_knob():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("lr", -0.1, r"lr \(eta\) must be > 0"),
-    ("frac", 1.5, r"frac \(C\) must be in \[0, 1\]"),
+    ("lr", -0.1, "lr must be a finite number > 0, got -0.1"),
+    ("lr", "nan", "lr must be a finite number > 0, got nan"),
+    ("frac", 1.5, r"frac must be a finite number in \[0, 1\], got 1.5"),
     ("partition", "zipf", "partition must be one of"),
-    ("local-epochs", 0, r"epochs \(E\) must be >= 1"),
+    ("local-epochs", 0, "local-epochs must be an integer >= 1, got 0"),
+    ("batch-size", "ten", "batch-size expected an integer, got 'ten'"),
 ])
 def test_record_with_a_bad_value_names_the_parameter(key, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         from_record({**to_record(FedAvgConfig()), key: value})
+
+
+def test_a_round_summary_names_the_clients_that_replied_and_weighs_their_loss():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedlib.flower.server_app import round_summary
+
+    def reply(k: int, n_k: int, loss: float) -> RecordDict:
+        return RecordDict({"metrics": MetricRecord({"num-examples": n_k, "train-loss": loss}),
+                           "client": ConfigRecord({"partition-id": k})})
+    clients, loss = round_summary([reply(7, 300, 1.0), reply(2, 100, 2.0)])
+    assert clients == [2, 7] and loss == pytest.approx((300 * 1.0 + 100 * 2.0) / 400)
+    clients, loss = round_summary([])                 # every sampled node failed
+    assert clients == [] and math.isnan(loss)
+
+
+def test_the_run_config_file_carries_any_value_safely():
+    import tomllib
+
+    from fedlib.flower.deploy import toml_run_config
+
+    values = {"partition": 'iid" lr=5 rounds="9', "history-path": "/tmp/a b\\c.json", "lr": 0.1, "rounds": 2,
+              "stop": False}
+    assert tomllib.loads(toml_run_config(values)) == values        # no key injected through a quote
+    with pytest.raises(InputError, match="keys must be"):
+        toml_run_config({"a b": 1})
+    with pytest.raises(InputError, match="must be finite"):
+        toml_run_config({"lr": float("inf")})
 
 
 # --- simulation (Ray) ------------------------------------------------------------------------
@@ -157,6 +189,24 @@ def test_run_finishes_without_a_stopped_supernode():
     assert any("Node Unavailable" in line for line in result.log)
     assert all(r.test_accuracy > 0.5 for r in history.records)
     assert not workdir.exists() and processes_using(workdir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_a_round_in_which_every_node_fails_records_no_clients():
+    """The only SuperNode is stopped in round 2: the round gets no reply at all. Its record
+    has no clients and a nan training loss (not round 1's again), adds no uploaded bytes,
+    and the global model stays w_1, so its accuracy is round 1's."""
+    from fedlib.flower.deploy import LocalFederation
+
+    with LocalFederation(1, num_clients=100, log="none") as federation:
+        result = federation.run({"rounds": 2, "frac": 1.0}, stop_in_round=2, timeout=300)
+    first, second = result.history.records
+    assert first.clients == [0] and second.clients == []
+    assert math.isfinite(first.train_loss) and math.isnan(second.train_loss)
+    assert second.bytes_uploaded == first.bytes_uploaded
+    assert second.test_accuracy == first.test_accuracy
+    assert any("Received 0 results and 1 failures" in line for line in result.log)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedlib.metrics import History, RoundRecord, atomic_write_text, rounds_to_target
+from fedlib.metrics import History, RoundRecord, rounds_to_target
 
 
 def history_of(accuracies, every=1):
@@ -50,16 +50,3 @@ def test_history_round_trip_with_config_and_versions(tmp_path):
     loaded = History.load(tmp_path / "run.json")
     assert loaded.records == h.records and loaded.accuracies == [0.5, 0.7]
     assert loaded.final_accuracy == 0.7 and loaded.best_accuracy == 0.7
-
-
-def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "out.json"
-    atomic_write_text(path, "old")
-
-    class Boom(str):
-        def encode(self, *args):
-            raise RuntimeError("disk full")
-    with pytest.raises(RuntimeError):
-        atomic_write_text(path, Boom("new"))
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]     # no temporary file left behind

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedlib import partition as P
+from fedlib.params import InputError
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +90,29 @@ def test_class_counts_by_hand():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda y: P.iid(100, 0), "num_clients must be >= 1"),
-    (lambda y: P.iid(10, 11), "num_clients must be <= the number of examples"),
-    (lambda y: P.iid(-5, 2), "n must be >= 1"),
-    (lambda y: P.shards(y, 100, shards_per_client=3, shard_size=300), "shard_size \\* shards_per_client \\* num_clients"),
-    (lambda y: P.shards(y, 100, shard_size=-1), "shard_size must be >= 1"),
-    (lambda y: P.shards(y, 100, shards_per_client=0), "shards_per_client must be >= 1"),
-    (lambda y: P.dirichlet(y, 10, alpha=0), "alpha must be > 0"),
-    (lambda y: P.dirichlet(y, 10, alpha=-1.0), "alpha must be > 0"),
-    (lambda y: P.dirichlet(y, 10, alpha=1.0, min_size=-1), "min_size must be >= 0"),
+    (lambda y: P.iid(100, 0), r"num_clients \(K\) must be an integer >= 1, got 0"),
+    (lambda y: P.iid(10, 11), r"num_clients \(K\) must be <= the number of examples \(10\)"),
+    (lambda y: P.iid(-5, 2), "n must be an integer >= 1"),
+    (lambda y: P.shards(y, 100, shards_per_client=3, shard_size=300),
+     "num_clients \\* shards_per_client \\* shard_size must be <="),
+    (lambda y: P.shards(y, 100, shard_size=-1), "shard_size must be an integer >= 1"),
+    (lambda y: P.shards(y, 100, shards_per_client=0), "shards_per_client must be an integer >= 1"),
+    (lambda y: P.make_partition("shards", y, 40000, shards_per_client=2),   # the default shard_size is not blamed
+     r"num_clients \* shards_per_client must be <= the number of examples \(60000\), got 40000 \* 2"),
+    (lambda y: P.dirichlet(y, 10, alpha=0), "alpha must be a finite number > 0"),
+    (lambda y: P.dirichlet(y, 10, alpha=-1.0), "alpha must be a finite number > 0"),
+    (lambda y: P.dirichlet(y, 10, alpha=float("inf")), "alpha must be a finite number > 0, got inf"),
+    (lambda y: P.dirichlet(y, 10, alpha=float("nan")), "alpha must be a finite number > 0, got nan"),
+    (lambda y: P.dirichlet(y, 10, alpha=1.0, min_size=-1), "min_size must be an integer >= 0"),
     (lambda y: P.dirichlet(y, 100, alpha=1.0, min_size=1000), "min_size \\* num_clients"),
-    (lambda y: P.unbalanced(1000, 10, sigma=-1), "sigma must be >= 0"),
-    (lambda y: P.unbalanced(1000, 10, min_size=-3), "min_size must be >= 0"),
+    (lambda y: P.unbalanced(1000, 10, sigma=-1), "sigma must be a finite number >= 0"),
+    (lambda y: P.unbalanced(1000, 10, sigma=float("nan")), "sigma must be a finite number >= 0, got nan"),
+    (lambda y: P.unbalanced(1000, 10, sigma=float("inf")), "sigma must be a finite number >= 0, got inf"),
+    (lambda y: P.unbalanced(1000, 10, min_size=-3), "min_size must be an integer >= 0"),
     (lambda y: P.make_partition("pathological", y, 10), "partition must be one of"),
 ])
-def test_impossible_requests_raise_value_error(labels, call, message):
-    with pytest.raises(ValueError, match=message):
+def test_impossible_requests_raise_input_error(labels, call, message):
+    with pytest.raises(InputError, match=message):
         call(labels)
 
 

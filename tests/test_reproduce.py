@@ -82,8 +82,15 @@ def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     assert rows["2nn-iid-C0.2-E1-B10"]["ours"] == "not yet run"
     ran = rows["2nn-iid-C0.1-E1-B10"]
     assert ran["paper"] == 87
-    assert ran["ours"] == "not reached in 2" or isinstance(ran["ours"], float)
+    assert ran["ours"] == "not reached in 2" and ran["ratio"] is None      # 2 rounds cannot reach 97%
     assert ran["etas"] == "1/3" and rows["2nn-iid-C0.2-E1-B10"]["etas"] == "0/3"
+
+    # A reached run at another rate is the best, and its ratio to the paper is reported.
+    reached = json.loads((tmp_path / "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json").read_text())
+    reached |= {"lr": 0.2, "reached": True, "rounds_to_target": 43.5}
+    (tmp_path / "2nn-iid-C0.1-E1-B10-lr0.2-seed0.json").write_text(json.dumps(reached))
+    ran = {r["setting"]: r for r in R.comparison_rows("1", tmp_path)}["2nn-iid-C0.1-E1-B10"]
+    assert (ran["ours"], ran["lr"], ran["ratio"], ran["etas"]) == (43.5, 0.2, 0.5, "2/3")
 
 
 def test_best_run_prefers_reached_then_unreached_then_diverged():

@@ -21,11 +21,22 @@ round R has begun, while its clients train, to show what Flower does when a clie
 goes away. ``--log summary`` prints only the lines that say what happened, with
 ports and paths replaced by placeholders, so that the output is the same from run
 to run except for the timings ("took ... s").
+
+This is a teaching setup on one machine: every process runs with ``--insecure`` (no
+TLS: the weights travel unencrypted, over 127.0.0.1 only) and the SuperLink accepts
+any SuperNode (no authentication). A federation across machines turns both on:
+``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile
+server.key --enable-supernode-auth`` and ``flower-supernode --root-certificates ca.crt
+--auth-supernode-private-key node.key`` (each SuperNode's public key registered with the
+Flower CLI first); see Flower's guides "Enable TLS connections" and "Authenticate
+SuperNodes".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import queue
 import re
@@ -40,13 +51,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlib import params as P
 from fedlib.metrics import History
+from fedlib.params import InputError
 
 APP_PYPROJECT = Path(__file__).with_name("pyproject.toml")
 CONNECTION = "fedlib-local"
 LOG_LEVELS = ("all", "summary", "none")
 # Flower log lines that say what a round did (for --log summary), and our own per-round line.
 SUMMARY_LINE = re.compile(r"\[ROUND \d+/|configure_train|aggregate_train|Received error|^round \d+:")
+
+
+TOML_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_run_config(values: dict[str, object]) -> str:
+    """A Flower run config as a TOML document, every value quoted or escaped as TOML requires.
+
+    ``flwr run --run-config 'k=v ...'`` splits its string with a regular expression that
+    cannot carry a quote inside a value, so the run config is handed over as a file.
+    """
+    lines = []
+    for key, value in values.items():
+        if not TOML_KEY.fullmatch(key):
+            raise InputError(f"run config keys must be letters, digits, - and _, got {key!r}")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = str(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InputError(f"run config value {key} must be finite, got {value}")
+            text = repr(value)
+        elif isinstance(value, str):
+            text = json.dumps(value)          # a TOML basic string: quotes and backslashes escaped
+        else:
+            raise InputError(f"run config value {key} must be a bool, int, float or str, got {type(value).__name__}")
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def free_port() -> int:
@@ -101,12 +143,11 @@ class LocalFederation:
     def __init__(self, num_supernodes: int, num_clients: int | None = None, grace: float = 10.0,
                  log: str = "all") -> None:
         num_clients = num_supernodes if num_clients is None else num_clients
-        if num_supernodes < 1:
-            raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
+        P.Range(int, 1).check("num_supernodes", num_supernodes)
         if num_clients < num_supernodes:
-            raise ValueError(f"num_clients (K) must be >= num_supernodes ({num_supernodes}), got {num_clients}")
+            raise InputError(f"num_clients (K) must be >= num_supernodes ({num_supernodes}), got {num_clients}")
         if log not in LOG_LEVELS:
-            raise ValueError(f"log must be one of {LOG_LEVELS}, got {log!r}")
+            raise InputError(f"log must be one of {LOG_LEVELS}, got {log!r}")
         self.log = log
         self.workdir = Path(tempfile.mkdtemp(prefix="fedlib-flower-"))
         self.placeholders: dict[str, str] = {str(self.workdir): "<tmp>"}
@@ -219,8 +260,11 @@ class LocalFederation:
         history_path = self.workdir / "history.json"
         overrides = {**run_config, "min-nodes": self.num_supernodes, "num-clients": self.num_clients,
                      "history-path": str(history_path)}
-        pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
-        args = [self.command("flwr"), "run", str(self.workdir / "app"), CONNECTION, "--stream", "--run-config", pairs]
+        config_file = self.workdir / "run-config.toml"
+        config_file.write_text(toml_run_config(overrides))
+        args = [self.command("flwr"), "run", str(self.workdir / "app"), CONNECTION, "--stream",
+                "--run-config", str(config_file)]
+        self.say(f"# {config_file.name}: " + " ".join(config_file.read_text().splitlines()))
         self.say("$ flwr " + " ".join(a if " " not in a else f"'{a}'" for a in args[1:]))
         began = time.perf_counter()
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -276,38 +320,67 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedlib.flower.deploy", description=__doc__.split("\n")[0])
-    parser.add_argument("--supernodes", type=int, default=3, help="SuperNodes (clients) to start")
-    parser.add_argument("--num-clients", type=int, default=None,
+def build_parser() -> argparse.ArgumentParser:
+    from fedlib.cli import OneLineParser, flag_type
+    from fedlib.data import DATASETS
+    from fedlib.models import MODELS
+    from fedlib.partition import PARTITIONS
+
+    parser = OneLineParser(prog="python -m fedlib.flower.deploy", description=__doc__.split("\n")[0],
+                           epilog="Every process runs with --insecure on 127.0.0.1 (a teaching setup): "
+                                  "see this module's docstring for the TLS and authentication flags of a real "
+                                  "federation.")
+    parser.add_argument("--supernodes", type=flag_type(P.Range(int, 1, 64)), default=3,
+                        help="SuperNodes (clients) to start, 1 to 64")
+    parser.add_argument("--num-clients", type=flag_type(P.NUM_CLIENTS), default=None,
                         help="K of the partition; SuperNode k holds partition k (default: --supernodes)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--frac", type=float, default=1.0, help="C: fraction of the connected SuperNodes per round")
-    parser.add_argument("--partition", default="iid")
-    parser.add_argument("--model", default="2nn")
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", default="10", help='B, or "inf"')
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop-in-round", type=int, default=None,
+    parser.add_argument("--rounds", type=flag_type(P.ROUNDS), default=2)
+    parser.add_argument("--frac", type=flag_type(P.FRAC), default=1.0,
+                        help="C: fraction of the connected SuperNodes per round")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    parser.add_argument("--partition", choices=PARTITIONS, default="iid")
+    parser.add_argument("--model", choices=tuple(MODELS), default="2nn")
+    parser.add_argument("--local-epochs", type=flag_type(P.LOCAL_EPOCHS), default=1)
+    parser.add_argument("--batch-size", type=flag_type(P.BATCH_SIZE), default=10, help='B, or "inf"')
+    parser.add_argument("--lr", type=flag_type(P.LR), default=0.1)
+    parser.add_argument("--seed", type=flag_type(P.SEED), default=0)
+    parser.add_argument("--stop-in-round", type=flag_type(P.ROUNDS), default=None,
                         help="stop SuperNode 0 as soon as this round has begun")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds the run may take")
+    parser.add_argument("--timeout", type=flag_type(P.Range(float, 0, low_open=True)), default=600,
+                        help="seconds the run may take")
     parser.add_argument("--log", choices=LOG_LEVELS, default="all",
                         help="all: every log line; summary: what happened, without ports and paths")
     parser.add_argument("--out", default=None, help="write the run's History here (JSON)")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    if args.stop_in_round is not None and not 1 <= args.stop_in_round <= args.rounds:
-        parser.error(f"--stop-in-round must be in [1, {args.rounds}], got {args.stop_in_round}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedlib.cli import UsageError
+    from fedlib.files import check_output
+
+    try:
+        args = build_parser().parse_args(argv)
+        num_clients = args.supernodes if args.num_clients is None else args.num_clients
+        if num_clients < args.supernodes:
+            raise InputError(f"--num-clients (K = {num_clients}) must be >= --supernodes ({args.supernodes}): "
+                             "SuperNode k holds partition k")
+        if args.stop_in_round is not None and args.stop_in_round > args.rounds:
+            raise InputError(f"--stop-in-round must be in [1, {args.rounds}] (--rounds), got {args.stop_in_round}")
+        if args.out:
+            check_output(args.out)
+    except (UsageError, InputError) as error:
+        print(error if isinstance(error, UsageError) else f"python -m fedlib.flower.deploy: {error}",
+              file=sys.stderr)
+        return 2
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up on SIGTERM like on Ctrl-C
-    run_config = {"rounds": args.rounds, "frac": args.frac, "partition": args.partition, "model": args.model,
-                  "local-epochs": args.local_epochs, "batch-size": args.batch_size if args.batch_size == "inf"
-                  else int(args.batch_size), "lr": args.lr, "seed": args.seed}
+    run_config = {"rounds": args.rounds, "frac": args.frac, "dataset": args.dataset, "partition": args.partition,
+                  "model": args.model, "local-epochs": args.local_epochs,
+                  "batch-size": "inf" if args.batch_size is None else args.batch_size, "lr": args.lr,
+                  "seed": args.seed}
     began = time.perf_counter()
     try:
-        with LocalFederation(args.supernodes, args.num_clients, log=args.log) as federation:
+        with LocalFederation(args.supernodes, num_clients, log=args.log) as federation:
             result = federation.run(run_config, stop_in_round=args.stop_in_round, timeout=args.timeout)
     except KeyboardInterrupt:
         print("# interrupted: every process was stopped", file=sys.stderr)

@@ -10,10 +10,12 @@ Flower's :class:`flwr.serverapp.strategy.FedAvg` is the paper's algorithm:
   every round, as ``fedlib.run`` does; clients evaluate nothing (``fraction_evaluate=0``).
 
 The one change we make (:class:`FedAvgInClientOrder`) is to average the replies in a
-fixed order, so that a run is repeatable.
+fixed order, so that a run is repeatable, and to note each round's clients and training
+loss for the History (a round in which every sampled node failed has no clients, a nan
+training loss, and leaves the global model as it was).
 
-The initial weights w_0 come from the same seed as in ``fedlib.run``, so the two
-runs start from the identical model. The result is a fedlib
+The initial weights w_0 come from ``fedlib.server.initial_model``, as in ``fedlib.run``,
+so the two runs start from the identical model. The result is a fedlib
 :class:`~fedlib.metrics.History`, comparable round by round with ``fedlib.run``'s.
 """
 
@@ -23,16 +25,16 @@ import time
 from dataclasses import asdict
 from typing import Callable, Iterable, Sequence
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedlib.config import FedAvgConfig
 from fedlib.flower.task import evaluation_data, from_record, to_record
 from fedlib.metrics import History, RoundRecord, evaluate
-from fedlib.models import build_model, model_bytes
-from fedlib.server import FedAvgConfig
+from fedlib.models import model_bytes
+from fedlib.params import InputError
+from fedlib.server import initial_model, weighted_mean
 
 
 class FedAvgInClientOrder(FedAvg):
@@ -45,10 +47,26 @@ class FedAvgInClientOrder(FedAvg):
     sorted S_t) makes a Flower run repeatable. Nothing else changes.
     """
 
+    last_round: tuple[list[int], float] = ([], float("nan"))   # clients, training loss
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self.last_round = round_summary([r.content for r in replies if not r.has_error()])
+
         def client(reply: Message) -> int:
-            return -1 if reply.has_error() else int(reply.content["metrics"]["partition-id"])
+            return -1 if reply.has_error() else int(reply.content["client"]["partition-id"])
         return super().aggregate_train(server_round, sorted(replies, key=client))
+
+
+def round_summary(contents: list[RecordDict]) -> tuple[list[int], float]:
+    """The clients k that replied in a round (sorted) and their n_k-weighted training loss;
+    ([], nan) if none did."""
+    if not contents:
+        return [], float("nan")
+    clients = sorted(int(c["client"]["partition-id"]) for c in contents)
+    losses = [float(c["metrics"]["train-loss"]) for c in contents]
+    n = [int(c["metrics"]["num-examples"]) for c in contents]
+    return clients, weighted_mean(losses, n)
 
 
 def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> int:
@@ -72,35 +90,9 @@ def run_fedavg(grid: Grid, cfg: FedAvgConfig, timeout: float = 600, verbose: boo
 
     timeout: seconds a round waits for its replies.
     """
-    torch.manual_seed(cfg.seed)  # the same w_0 as fedlib.run
     x_test, y_test, num_classes, input_shape = evaluation_data(cfg)
-    model = build_model(cfg.model, num_classes, input_shape)
+    model = initial_model(cfg, num_classes, input_shape)          # w_0, as in fedlib.run
     history = History(config={**asdict(cfg), "engine_used": "flower"}, device="cpu")
-    round_state = {"clients": [], "train_loss": float("nan"), "began": time.perf_counter(), "uploaded": 0}
-
-    def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        """Flower's n_k-weighted metric average, plus a note of which clients replied."""
-        round_state["clients"] = sorted(int(r["metrics"]["partition-id"]) for r in records)
-        metrics = aggregate_metricrecords(records, weighting_key)
-        del metrics["partition-id"]
-        round_state["train_loss"] = float(metrics["train-loss"])
-        return metrics
-
-    def evaluate_global(t: int, arrays: ArrayRecord) -> MetricRecord:
-        """Test accuracy and loss of w_t on the whole MNIST test set."""
-        model.load_state_dict(arrays.to_torch_state_dict())
-        accuracy, loss = evaluate(model, x_test, y_test)
-        if t > 0:
-            clients = round_state["clients"]
-            round_state["uploaded"] += len(clients) * model_bytes(model)
-            history.records.append(RoundRecord(t, clients, accuracy, loss, round_state["train_loss"],
-                                               time.perf_counter() - round_state["began"],
-                                               round_state["uploaded"]))
-            if verbose:
-                print(f"round {t}: {len(clients)} clients, test accuracy {accuracy:.4f}", flush=True)
-        round_state["began"] = time.perf_counter()
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
     strategy = FedAvgInClientOrder(
         # C = 0 is the paper's "one client per round": int(K * 0.5 / K) = 0, lifted to 1 below.
         fraction_train=cfg.frac if cfg.frac > 0 else 0.5 / cfg.num_clients,
@@ -108,8 +100,25 @@ def run_fedavg(grid: Grid, cfg: FedAvgConfig, timeout: float = 600, verbose: boo
         min_available_nodes=1,     # we waited for the nodes before
         fraction_evaluate=0.0,     # evaluation is central, on the server
         weighted_by_key="num-examples",
-        train_metrics_aggr_fn=aggregate_train_metrics,
     )
+    began = time.perf_counter()
+
+    def evaluate_global(t: int, arrays: ArrayRecord) -> MetricRecord:
+        """Test accuracy and loss of w_t on the whole MNIST test set, and round t's record."""
+        nonlocal began
+        model.load_state_dict(arrays.to_torch_state_dict())
+        accuracy, loss = evaluate(model, x_test, y_test)
+        if t > 0:
+            clients, train_loss = strategy.last_round
+            uploaded = (history.records[-1].bytes_uploaded if history.records else 0) + len(clients) * model_bytes(model)
+            history.records.append(RoundRecord(t, clients, accuracy, loss, train_loss,
+                                               time.perf_counter() - began, uploaded))
+            strategy.last_round = ([], float("nan"))        # a round whose replies all failed starts empty
+            if verbose:
+                print(f"round {t}: {len(clients)} clients, test accuracy {accuracy:.4f}", flush=True)
+        began = time.perf_counter()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
                    timeout=timeout, train_config=ConfigRecord(to_record(cfg)), evaluate_fn=evaluate_global)
     history.model = model
@@ -131,7 +140,7 @@ def build_server_app(configs: Sequence[FedAvgConfig] | None = None,
     verbose: print one line per round.
     """
     if configs is not None and len({c.num_clients for c in configs}) != 1:
-        raise ValueError(f"configs must be at least one, all with the same num_clients (K), "
+        raise InputError(f"configs must be at least one, all with the same num_clients (K), "
                          f"got K = {[c.num_clients for c in configs]}")
     app = ServerApp()
 

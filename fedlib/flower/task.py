@@ -20,9 +20,9 @@ from typing import Mapping
 
 import torch
 
+from fedlib.config import FedAvgConfig
 from fedlib.data import Dataset, load_dataset
-from fedlib.partition import make_partition
-from fedlib.server import FedAvgConfig
+from fedlib.params import InputError
 
 # FedAvgConfig fields a Flower run uses; device and engine are fixed (CPU, one client
 # at a time), targets and eval_every have no meaning for Flower's strategy loop.
@@ -51,26 +51,23 @@ def from_record(record: Mapping[str, object], base: FedAvgConfig | None = None) 
     """The FedAvgConfig a Flower record describes (unknown keys are ignored).
 
     Keys missing from ``record`` keep their value in ``base`` (default: fedlib's
-    defaults). Raises ValueError, naming the parameter, for values out of range.
+    defaults). Each value is parsed as the command line parses it (``"inf"`` for
+    B = infinity), so InputError names the key and its allowed range.
     """
     values = asdict(base or FedAvgConfig())
-    types = {f.name: f.type for f in fields(FedAvgConfig)}
+    knobs = {f.name: f.metadata for f in fields(FedAvgConfig)}
     for name in RECORD_FIELDS:
         key = name.replace("_", "-")
         if key not in record:
             continue
-        value = record[key]
-        if name == "batch_size":
-            value = None if str(value).lower() in ("inf", "none", "0") else int(value)
-        elif name == "shard_size":
-            value = None if int(value) == 0 else int(value)
-        elif "int" in str(types[name]):
-            value = int(value)
-        elif "float" in str(types[name]):
-            value = float(value)
-        else:
-            value = str(value)
-        values[name] = value
+        value, allowed = record[key], knobs[name]["range"]
+        if allowed is None:
+            values[name] = str(value)
+            continue
+        try:
+            values[name] = allowed.parse(str(value))
+        except InputError as error:
+            raise InputError(f"{key} {error}") from None
     values.update(device="cpu", engine="sequential")
     return FedAvgConfig(**values).validate()
 
@@ -83,9 +80,7 @@ def _dataset(name: str) -> Dataset:
 @lru_cache(maxsize=4)
 def _partition(config_key: tuple) -> list:
     config = FedAvgConfig(**dict(config_key))
-    return make_partition(config.partition, _dataset(config.dataset).y_train, config.num_clients, config.seed,
-                          shards_per_client=config.shards_per_client, shard_size=config.shard_size,
-                          alpha=config.alpha, min_size=config.min_size, sigma=config.sigma)
+    return config.split(_dataset(config.dataset).y_train)
 
 
 def client_data(config: FedAvgConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +89,7 @@ def client_data(config: FedAvgConfig, partition_id: int) -> tuple[torch.Tensor, 
     The same partition, from the same seed, as ``fedlib.run`` makes for this configuration.
     """
     if not 0 <= partition_id < config.num_clients:
-        raise ValueError(f"partition_id must be in [0, {config.num_clients - 1}] (K = num_clients), "
+        raise InputError(f"partition_id must be in [0, {config.num_clients - 1}] (K = num_clients), "
                          f"got {partition_id}")
     data = _dataset(config.dataset)
     key = tuple((name, getattr(config, name)) for name in

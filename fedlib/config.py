@@ -1,0 +1,99 @@
+"""The configuration of a FedAvg run: every knob, its default, its range and its help.
+
+:class:`FedAvgConfig` is the one place that says what a run's parameters are. Each field
+carries its help text, its command-line flag and its :class:`~fedlib.params.Range` (or
+its choices) as metadata; :meth:`FedAvgConfig.validate` checks them and the command line
+(``python -m fedlib train``) is built from them, so the library, the command line and
+Flower's run config all accept exactly the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from fedlib import params as P
+from fedlib.data import DATASETS
+from fedlib.models import MODELS
+from fedlib.params import InputError
+from fedlib.partition import PARTITIONS, Partition, make_partition
+from fedlib.runtime import DEVICES
+
+ENGINES = ("auto", "vectorized", "sequential")
+
+
+def knob(default: Any, help: str, range: P.Range | None = None, choices: tuple | None = None,
+         flag: str | None = None) -> Any:
+    """A config field with its help text, its Range or choices, and its command-line flag
+    (default: ``--`` and the field name with dashes)."""
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices, "flag": flag})
+
+
+@dataclass
+class FedAvgConfig:
+    """Every knob of a FedAvg run, with the paper's names and MNIST defaults.
+
+    num_clients: K; frac: C (0 means one client per round); local_epochs: E;
+    batch_size: B (None = infinity); lr: eta. The partition's own parameters
+    (shards_per_client, shard_size, alpha, min_size, sigma) are read only by the
+    partition that uses them. One ``seed`` drives partitioning, client sampling,
+    shuffling, dropout and initialisation (``fedlib.seeds``).
+    """
+
+    dataset: str = knob("mnist", "the dataset", choices=DATASETS)
+    model: str = knob("2nn", "the model (see fedlib.models)", choices=tuple(MODELS))
+    partition: str = knob("iid", "how the training set is split among the clients", choices=PARTITIONS)
+    num_clients: int = knob(100, "K, the number of clients", P.NUM_CLIENTS, flag="--clients")
+    frac: float = knob(0.1, "C, the fraction of clients in each round; 0 means one client", P.FRAC)
+    local_epochs: int = knob(1, "E, the local epochs per round", P.LOCAL_EPOCHS, flag="--epochs")
+    batch_size: int | None = knob(10, "B, the local minibatch size", P.BATCH_SIZE)
+    lr: float = knob(0.1, "eta, the clients' learning rate", P.LR)
+    rounds: int = knob(10, "the number of communication rounds", P.ROUNDS)
+    seed: int = knob(0, "the one seed of the run", P.SEED)
+    eval_every: int = knob(1, "evaluate the global model every this many rounds (and in the last)", P.EVAL_EVERY)
+    device: str = knob("auto", "where to train: auto is cuda if there is one", choices=DEVICES)
+    engine: str = knob("auto", "vectorized trains a round's clients together, sequential one after another "
+                               "(same weights); auto picks the faster (sequential for the paper's CNN on a CPU)",
+                       choices=ENGINES)
+    momentum: float = knob(0.0, "the clients' SGD momentum (the paper uses none)", P.MOMENTUM)
+    weight_decay: float = knob(0.0, "the clients' L2 weight decay (the paper uses none)", P.WEIGHT_DECAY)
+    shards_per_client: int = knob(2, "shards per client (partition shards)", P.SHARDS_PER_CLIENT)
+    shard_size: int | None = knob(None, "examples per shard (partition shards); default: n / (K * shards)",
+                                  P.SHARD_SIZE)
+    alpha: float = knob(0.5, "the Dirichlet concentration (partition dirichlet)", P.ALPHA)
+    min_size: int = knob(10, "the smallest client (partitions dirichlet and unbalanced)", P.MIN_SIZE)
+    sigma: float = knob(1.0, "the lognormal spread of client sizes (partition unbalanced)", P.SIGMA)
+    target: float | None = knob(None, "the test accuracy whose rounds-to-reach are reported", P.TARGET)
+    stop_at_target: bool = knob(False, "stop once the target accuracy is reached (needs --target)")
+
+    def validate(self) -> "FedAvgConfig":
+        """Raise InputError (a ValueError) naming the first parameter outside its allowed range."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise InputError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+            if meta["range"] is not None:
+                meta["range"].check(f.name, value)
+        if not isinstance(self.stop_at_target, bool):
+            raise InputError(f"stop_at_target must be True or False, got {self.stop_at_target!r}")
+        if self.stop_at_target and self.target is None:
+            raise InputError("stop_at_target needs a target accuracy (target, --target), got none")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FedAvgConfig":
+        """The config saved in a History or checkpoint (unknown keys, e.g. engine_used, ignored)."""
+        if not isinstance(data, dict):
+            raise InputError(f"a run's config must be a mapping of its parameters, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def split(self, labels) -> Partition:
+        """The K clients' index arrays into the training set (``labels``: its (N,) labels),
+        as this configuration's partition and seed make them."""
+        labels = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
+        return make_partition(self.partition, labels, self.num_clients, self.seed,
+                              shards_per_client=self.shards_per_client, shard_size=self.shard_size,
+                              alpha=self.alpha, min_size=self.min_size, sigma=self.sigma)
