@@ -89,6 +89,7 @@ def check_folder(folder: str | os.PathLike, what: str | None = None) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder / ".probe")
         probe = _temp_name(folder / ".probe")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
