@@ -8,16 +8,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test setup book notebooks clean
+.PHONY: run test test-kernels setup lab book notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# What reading and building needs (make run); the tests add pytest, nbval's tools and Flower,
-# resolved together with the rest in one pip run so no package is upgraded behind another's back.
+# What reading, running every lesson and building needs (make setup, make run; lesson 7 needs
+# Flower); the tests add pytest, resolved together with the rest in one pip run so that no
+# package is upgraded behind another's back.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[pinned,lessons,book]"
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -37,6 +38,19 @@ NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --di
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 	$(NBVAL) notebooks
+
+# The tests whose numbers depend on the CPU's kernels (the engines' equality, FedAvg's identities,
+# the trained accuracies, every lesson under nbval), again with PyTorch, oneDNN and MKL switched to
+# other code paths: what another machine computes. CI runs it after make test.
+OTHER_KERNELS = ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+test-kernels: $(VENV)/.installed-test
+	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_fedavg.py tests/test_training.py
+	$(OTHER_KERNELS) $(NBVAL) notebooks
+
+# JupyterLab on the lessons (installs the lab extra once).
+lab: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower,lab]"
+	$(BIN)/jupyter lab notebooks/
 
 # Re-execute every lesson in place, in order, each from a clean kernel, on the CPU in the
 # quick profile, and strip widget state and personal metadata: the stored outputs that the

@@ -143,18 +143,18 @@ def time_line(lesson: str, timings: dict) -> str:
 
 def times_table(timings: dict, lessons: list[str]) -> str:
     """The table of lesson times in book/setup.md, from timings.json."""
-    rows = ["| lesson | quick profile, CPU | full profile, GPU |", "| --- | --- | --- |"]
+    kinds = {"quick-cpu": "quick profile, CPU", "quick-gpu": "quick profile, GPU", "full-gpu": "full profile, GPU"}
+    rows = ["| lesson | " + " | ".join(kinds.values()) + " |", "| --- |" + " --- |" * len(kinds)]
     machines = set()
     for lesson in lessons:
         cells = []
-        for kind in ("quick-cpu", "full-gpu"):
+        for kind, label in kinds.items():
             entry = timings.get(kind, {}).get(lesson)
             cells.append("not measured" if entry is None else f"{entry['seconds']:.0f} s")
             if entry:
-                machines.add(f"{'quick profile' if kind == 'quick-cpu' else 'full profile'}: "
-                             f"{entry['machine']}, {entry['date']}")
-        rows.append(f"| {lesson} | {cells[0]} | {cells[1]} |")
-    return "\n".join(rows) + "\n\nMeasured on " + ("; ".join(sorted(machines)) or "nothing yet") + ".\n"
+                machines.add(f"the {label.split(',')[0]} on {entry['machine']} ({entry['date']})")
+        rows.append(f"| {lesson} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\nMeasured: " + ("; ".join(sorted(machines)) or "nothing yet") + ".\n"
 
 
 def write_times(paths: list[Path], timings: dict) -> None:

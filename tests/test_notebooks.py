@@ -248,6 +248,12 @@ def test_the_time_at_the_top_is_the_last_measurement(path):
     assert execute.time_line(path.stem, execute.load_timings()) in first.splitlines()
 
 
+def test_the_setup_page_shows_the_measured_times():
+    execute = load_execute_script()
+    table = execute.times_table(execute.load_timings(), [p.stem for p in LESSONS])
+    assert table in (ROOT / "book" / "setup.md").read_text()
+
+
 def test_plot_class_counts_rejects_a_vector():
     with pytest.raises(ValueError, match="counts"):
         lessons.plot_class_counts([1, 2, 3])
