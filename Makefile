@@ -14,15 +14,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # What reading, running every lesson and building needs (make setup, make run; lesson 7 needs
-# Flower); the tests add pytest, resolved together with the rest in one pip run so that no
+# Flower, lesson 8 the privacy accountant); the tests add pytest, resolved together with the rest in one pip run so that no
 # package is upgraded behind another's back.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower]"
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower,privacy]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,test,flower]"
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,test,flower,privacy]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -49,7 +49,7 @@ test-kernels: $(VENV)/.installed-test
 
 # JupyterLab on the lessons (installs the lab extra once).
 lab: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower,lab]"
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower,privacy,lab]"
 	$(BIN)/jupyter lab notebooks/
 
 # Re-execute every lesson in place, in order, each from a clean kernel, on the CPU in the

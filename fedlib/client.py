@@ -11,7 +11,9 @@ The paper's Algorithm 1, client side::
 
 ``local_update`` is exactly that, in plain PyTorch, one client at a time. It is the
 readable reference; ``fedlib.engine`` runs many clients at once and is tested
-equal to it.
+equal to it. Two of the methods that came after FedAvg change only this step, by adding
+a term to every gradient (lesson 8): FedProx's ``mu (w - w_t)`` and SCAFFOLD's
+``c - c_k``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ Weights = dict[str, torch.Tensor]
 
 @dataclass
 class ClientResult:
-    """What a client sends back: its new weights w_k, its n_k and its mean training loss."""
+    """What a client sends back: its new weights w_k, its n_k, its mean training loss,
+    and how many SGD steps it took (E * ceil(n_k / B))."""
 
     weights: Weights
     num_examples: int
     train_loss: float
+    steps: int
 
 
 def check_hyperparameters(epochs: int, batch_size: int | None, lr: float,
@@ -63,7 +67,8 @@ def epoch_batches(num_examples: int, batch_size: int | None,
 def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                  batch_size: int | None, lr: float, weights: Weights | None = None,
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 generator: torch.Generator | None = None) -> ClientResult:
+                 generator: torch.Generator | None = None, mu: float = 0.0,
+                 correction: Weights | None = None) -> ClientResult:
     """Run E epochs of minibatch SGD on one client's data and return its new weights.
 
     model: the architecture; it starts from ``weights`` (the global w_t) if given,
@@ -72,13 +77,19 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     epochs: E; batch_size: B (None = infinity); lr: eta.
     momentum, weight_decay: off by default, as in the paper's plain SGD.
     generator: the random stream for shuffling (one per client and round).
+    mu: FedProx (Li et al. 2020): every gradient gets mu (w - w_t) added, the gradient
+        of (mu / 2) ||w - w_t||^2, which holds w near the global model. 0 is FedAvg.
+    correction: SCAFFOLD (Karimireddy et al. 2020): c - c_k for every parameter, added to
+        every gradient so that the client follows the global direction. None is FedAvg.
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
+    P.MU.check("mu", mu)
     if weights is not None:
         model.load_state_dict(weights)
     model.train()
+    w_t = {name: p.detach().clone() for name, p in model.named_parameters()} if mu else None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n_k = len(y)
+    n_k, steps = len(y), 0
     total_loss = torch.zeros((), device=y.device, dtype=x.dtype)
     for _ in range(epochs):
         for batch in epoch_batches(n_k, batch_size, generator):
@@ -86,7 +97,20 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if mu or correction is not None:
+                add_to_gradients(model, w_t, mu, correction)
             optimizer.step()
             total_loss += loss.detach() * len(batch)
+            steps += 1
     new_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    return ClientResult(new_weights, n_k, total_loss.item() / (epochs * n_k))
+    return ClientResult(new_weights, n_k, total_loss.item() / (epochs * n_k), steps)
+
+
+@torch.no_grad()
+def add_to_gradients(model: nn.Module, w_t: Weights | None, mu: float, correction: Weights | None) -> None:
+    """FedProx's mu (w - w_t) and SCAFFOLD's c - c_k, added to every parameter's gradient."""
+    for name, p in model.named_parameters():
+        if mu:
+            p.grad.add_(p - w_t[name], alpha=mu)
+        if correction is not None:
+            p.grad.add_(correction[name])

@@ -22,6 +22,7 @@ from fedlib.partition import PARTITIONS, Partition, make_partition
 from fedlib.runtime import DEVICES
 
 ENGINES = ("auto", "vectorized", "sequential")
+SERVER_OPTIMIZERS = ("sgd", "adam")
 
 
 def knob(default: Any, help: str, range: P.Range | None = None, choices: tuple | None = None,
@@ -67,6 +68,20 @@ class FedAvgConfig:
     sigma: float = knob(1.0, "the lognormal spread of client sizes (partition unbalanced)", P.SIGMA)
     target: float | None = knob(None, "the test accuracy whose rounds-to-reach are reported", P.TARGET)
     stop_at_target: bool = knob(False, "stop once the target accuracy is reached (needs --target)")
+    # Beyond FedAvg (fedlib.algorithms, fedlib.privacy). The defaults are FedAvg itself.
+    mu: float = knob(0.0, "mu, FedProx's proximal weight (Li et al. 2020); 0 is FedAvg", P.MU)
+    scaffold: bool = knob(False, "SCAFFOLD's control variates, option II (Karimireddy et al. 2020)")
+    server_opt: str = knob("sgd", "the server's optimizer on the averaged update: sgd (FedAvg, FedAvgM) "
+                                  "or adam (FedAdam)", choices=SERVER_OPTIMIZERS)
+    server_lr: float = knob(1.0, "eta_g, the server's learning rate; sgd with 1.0 and no momentum is FedAvg",
+                            P.SERVER_LR)
+    server_momentum: float = knob(0.0, "beta of FedAvgM (sgd), or beta_1 of FedAdam (adam)", P.SERVER_MOMENTUM)
+    server_beta2: float = knob(0.99, "beta_2 of FedAdam", P.SERVER_BETA2)
+    server_tau: float = knob(1e-3, "tau, FedAdam's epsilon (its smallest denominator)", P.SERVER_TAU)
+    dp_clip: float | None = knob(None, "S, DP-FedAvg's clipping norm of each client's update (McMahan et al. "
+                                       "2018)", P.DP_CLIP)
+    dp_noise: float = knob(0.0, "z, DP-FedAvg's noise multiplier: Gaussian noise of std z S on the sum",
+                           P.DP_NOISE)
 
     def validate(self) -> "FedAvgConfig":
         """Raise InputError (a ValueError) naming the first parameter outside its allowed range."""
@@ -76,10 +91,17 @@ class FedAvgConfig:
                 raise InputError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
             if meta["range"] is not None:
                 meta["range"].check(f.name, value)
-        if not isinstance(self.stop_at_target, bool):
-            raise InputError(f"stop_at_target must be True or False, got {self.stop_at_target!r}")
+        for flag in ("stop_at_target", "scaffold"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InputError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.stop_at_target and self.target is None:
             raise InputError("stop_at_target needs a target accuracy (target, --target), got none")
+        if self.dp_noise and self.dp_clip is None:
+            raise InputError(f"dp_noise needs a clipping norm dp_clip (S), got none (dp_noise = {self.dp_noise})")
+        if self.dp_clip is not None and self.frac == 0:
+            raise InputError("dp_clip needs frac (C) > 0: DP-FedAvg samples each client with probability C")
+        if self.dp_clip is not None and self.scaffold:
+            raise InputError("dp_clip and scaffold cannot be combined: the control variates are not privatised")
         return self
 
     @classmethod

@@ -54,6 +54,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from torch.nn import functional as F
 
+from fedlib import params as P
 from fedlib.client import Weights, check_hyperparameters, epoch_batches
 from fedlib.models import TwoNN
 
@@ -99,13 +100,14 @@ class StackedResult:
     """What the m clients of a round send back, stacked along a leading client axis.
 
     weights: name -> (m, *shape); num_examples: (m,) the n_k; train_loss: (m,) each
-    client's mean training loss over its E epochs. The server averages them with the
-    same ``fedavg`` as the sequential engine's results.
+    client's mean training loss over its E epochs; steps: (m,) the SGD steps each took.
+    The server averages them with the same ``fedavg`` as the sequential engine's results.
     """
 
     weights: Weights
     num_examples: torch.Tensor
     train_loss: torch.Tensor
+    steps: torch.Tensor
 
     def client(self, i: int) -> Weights:
         """The weights of the i-th client of the round."""
@@ -156,7 +158,8 @@ def batch_width(sizes: list[int], batch_size: int | None) -> int:
 def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                              client_indices: list[torch.Tensor], generators: list[torch.Generator], *,
                              epochs: int, batch_size: int | None, lr: float, weights: Weights | None = None,
-                             momentum: float = 0.0, weight_decay: float = 0.0,
+                             momentum: float = 0.0, weight_decay: float = 0.0, mu: float = 0.0,
+                             corrections: list[Weights] | None = None,
                              max_examples_per_step: int | None = None) -> StackedResult:
     """ClientUpdate for m clients at once; each client as :func:`fedlib.client.local_update`.
 
@@ -164,10 +167,13 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     x: (N, C, H, W) the whole training set on the device; y: (N,) its labels.
     client_indices: m index tensors (n_k,) into x; generators: m shuffle generators.
     epochs: E; batch_size: B (None = infinity); lr: eta; momentum, weight_decay as
-    in ``torch.optim.SGD``. max_examples_per_step: clients x batch width per step
-    (default by device, see ``MAX_EXAMPLES_PER_STEP``); more clients are run in groups.
+    in ``torch.optim.SGD``; mu: FedProx's proximal weight; corrections: SCAFFOLD's
+    c - c_k, one per client (see ``local_update``). max_examples_per_step: clients x
+    batch width per step (default by device, see ``MAX_EXAMPLES_PER_STEP``); more
+    clients are run in groups.
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
+    P.MU.check("mu", mu)
     if len(client_indices) == 0 or len(client_indices) != len(generators):
         raise ValueError(f"client_indices and generators must hold one entry per client (>= 1), "
                          f"got {len(client_indices)} and {len(generators)}")
@@ -182,17 +188,20 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     width = batch_width([len(idx) for idx in client_indices], batch_size)
     group = max(1, max_examples_per_step // width)
     parts = [_train_group(model, x, y, client_indices[s:s + group], generators[s:s + group],
-                          epochs, batch_size, lr, momentum, weight_decay)
+                          epochs, batch_size, lr, momentum, weight_decay, mu,
+                          corrections[s:s + group] if corrections is not None else None)
              for s in range(0, len(client_indices), group)]
     if len(parts) == 1:
         return parts[0]
     return StackedResult({name: torch.cat([p.weights[name] for p in parts]) for name in parts[0].weights},
-                         torch.cat([p.num_examples for p in parts]), torch.cat([p.train_loss for p in parts]))
+                         torch.cat([p.num_examples for p in parts]), torch.cat([p.train_loss for p in parts]),
+                         torch.cat([p.steps for p in parts]))
 
 
 def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indices: list[torch.Tensor],
                  generators: list[torch.Generator], epochs: int, batch_size: int | None, lr: float,
-                 momentum: float, weight_decay: float) -> StackedResult:
+                 momentum: float, weight_decay: float, mu: float = 0.0,
+                 corrections: list[Weights] | None = None) -> StackedResult:
     """E epochs of SGD for one group of clients, all at once (see the module docstring)."""
     device = x.device
     m = len(client_indices)
@@ -200,6 +209,8 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
 
     params, _ = stack_module_state([model] * m)          # name -> (m, *shape), copies of w_t
     params = {name: p.detach() for name, p in params.items()}
+    w_t = {name: p.clone() for name, p in params.items()} if mu else None
+    correction = {name: torch.stack([c[name] for c in corrections]) for name in params} if corrections else None
     velocity = {name: torch.zeros_like(p) for name, p in params.items()} if momentum else None
 
     def client_loss(p: Weights, xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
@@ -212,7 +223,7 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
     all_active = (count > 0).all(1).tolist()                          # steps where no client is done
     index = index.to(device)
     mask, count = mask.to(device=device, dtype=x.dtype), count.to(device=device, dtype=x.dtype)
-    by_hand = is_paper_2nn(model) and not momentum and not weight_decay
+    by_hand = is_paper_2nn(model) and not (momentum or weight_decay or mu or correction)
     total_loss = torch.zeros(m, device=device, dtype=x.dtype)
     for s in range(index.shape[0]):
         batch = index[s]                                              # (m, W)
@@ -224,6 +235,10 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
         active = None if all_active[s] else (count[s] > 0).to(x.dtype)   # (m,) 0 once a client is done
         for name, p in params.items():
             d = grads[name]
+            if mu:                                                    # FedProx: + mu (w - w_t)
+                d = d + mu * (p - w_t[name])
+            if correction is not None:                                # SCAFFOLD: + (c - c_k)
+                d = d + correction[name]
             if weight_decay:
                 d = d.add(p, alpha=weight_decay)
             if momentum:
@@ -235,7 +250,8 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_indi
                 d = v
             p.add_(d if active is None else d * _per_client(active, d), alpha=-lr)
     num_examples = torch.tensor([len(idx) for idx in client_indices], device=device)
-    return StackedResult(params, num_examples, total_loss / (epochs * num_examples))
+    steps = (count > 0).sum(0)                                        # (m,) real steps per client
+    return StackedResult(params, num_examples, total_loss / (epochs * num_examples), steps)
 
 
 def is_paper_2nn(model: nn.Module) -> bool:

@@ -139,6 +139,24 @@ class History:
             raise InputError(f"not a fedlib history file: {path} ({error})") from None
 
 
+def client_drift(w_t: dict[str, torch.Tensor], client_weights: Sequence[dict[str, torch.Tensor]],
+                 num_examples: Sequence[int]) -> tuple[list[float], list[float]]:
+    """How far each client of a round moved from w_t, and how much the clients agree.
+
+    Returns, per client k: ||Delta_k||, the L2 norm of Delta_k = w_k - w_t over all its
+    parameters, and cos(Delta_k, Delta), the cosine between Delta_k and the round's n_k-weighted
+    average update Delta (1: the client moved where the average moved; 0: at right angles).
+    """
+    def flat(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([(w[name] - w_t[name]).flatten().double() for name in w_t])
+    deltas = [flat(w_k) for w_k in client_weights]
+    total = float(sum(num_examples))
+    average = sum(d * (n_k / total) for d, n_k in zip(deltas, num_examples))
+    norms = [d.norm().item() for d in deltas]
+    cosines = [F.cosine_similarity(d, average, dim=0).item() for d in deltas]
+    return norms, cosines
+
+
 def rounds_to_target(history: History | Sequence[float] | Iterable[tuple[int, float]],
                      target: float) -> float | None:
     """Rounds needed to reach ``target`` test accuracy, computed as in the paper.

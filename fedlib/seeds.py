@@ -15,6 +15,7 @@ init            the initial global weights w_0           ``seed`` itself (torch)
 SAMPLING        S_t, the clients of round t              :func:`sampling_rng`
 SHUFFLING       client k's minibatches in round t        :func:`shuffle_generator`
 DROPOUT         the dropout masks of round t             :func:`dropout_seed`
+NOISE           DP-FedAvg's noise in round t             :func:`noise_generator`
 ==============  =======================================  ===============================
 
 Dropout is the one exception to "the same numbers everywhere": one client at a time
@@ -38,6 +39,7 @@ class Stream(IntEnum):
     SAMPLING = 1
     SHUFFLING = 2
     DROPOUT = 3
+    NOISE = 4
 
 
 def derive_seed(*keys: int) -> int:
@@ -59,3 +61,8 @@ def shuffle_generator(seed: int, t: int, k: int) -> torch.Generator:
 def dropout_seed(seed: int, t: int, k: int | None = None) -> int:
     """The seed of client k's dropout masks in round t (k=None: all clients of the round at once)."""
     return derive_seed(seed, Stream.DROPOUT, t) if k is None else derive_seed(seed, Stream.DROPOUT, t, int(k))
+
+
+def noise_generator(seed: int, t: int) -> torch.Generator:
+    """The stream of round t's Gaussian noise in DP-FedAvg (CPU: the same noise on every device)."""
+    return torch.Generator().manual_seed(derive_seed(seed, Stream.NOISE, t))

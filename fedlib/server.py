@@ -16,6 +16,11 @@ Algorithm 1.) FedSGD is the same loop with E = 1 and B = infinity. :func:`run` i
 loop with an evaluation of the global model after each round, a
 :class:`~fedlib.metrics.History`, and what a long run needs around it: a checkpoint to
 resume from, stopping rules and a progress bar, each in a small helper below the loop.
+
+The methods of lesson 8 change one step each, and their defaults are FedAvg: FedProx
+and SCAFFOLD the local update (``mu``, ``scaffold``; see ``fedlib.algorithms``), the
+server optimizers the last line (``server_opt``, ``server_lr``, ``server_momentum``),
+and DP-FedAvg the sampling and the average (``dp_clip``, ``dp_noise``; ``fedlib.privacy``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedlib import params as P
+from fedlib.algorithms import Scaffold, ServerOptimizer
 from fedlib.client import ClientResult, Weights, local_update
 from fedlib.config import ENGINES, FedAvgConfig
 from fedlib.data import Dataset, load_dataset
@@ -43,10 +49,11 @@ from fedlib.metrics import History, RoundRecord, evaluate
 from fedlib.models import build_model, model_bytes
 from fedlib.params import InputError
 from fedlib.runtime import get_device
-from fedlib.seeds import dropout_seed, sampling_rng, shuffle_generator
+from fedlib.privacy import dp_aggregate, sample_clients_poisson
+from fedlib.seeds import dropout_seed, noise_generator, sampling_rng, shuffle_generator
 
-__all__ = ["FedAvgConfig", "RunInterrupted", "fedavg", "initial_model", "num_selected", "resolve_engine",
-           "run", "run_round", "sample_clients", "weighted_mean"]
+__all__ = ["FedAvgConfig", "RunInterrupted", "ServerState", "fedavg", "initial_model", "num_selected",
+           "resolve_engine", "run", "run_round", "sample_clients", "select_clients", "weighted_mean"]
 
 
 def fedavg(weights_list: Sequence[Weights], num_examples: Sequence[int]) -> Weights:
@@ -81,6 +88,36 @@ def sample_clients(num_clients: int, frac: float, rng: np.random.Generator) -> n
     P.NUM_CLIENTS.check("num_clients", num_clients)
     P.FRAC.check("frac", frac)
     return np.sort(rng.choice(num_clients, size=num_selected(num_clients, frac), replace=False))
+
+
+def select_clients(config: FedAvgConfig, t: int) -> np.ndarray:
+    """S_t: FedAvg's m = max(C K, 1) clients, or, for DP-FedAvg, each client with probability C."""
+    rng = sampling_rng(config.seed, t)
+    if config.dp_clip is not None:
+        return sample_clients_poisson(config.num_clients, config.frac, rng)
+    return sample_clients(config.num_clients, config.frac, rng)
+
+
+class ServerState:
+    """What the server keeps between rounds besides w_t: SCAFFOLD's control variates and the
+    server optimizer (each None when the config asks for FedAvg's own step)."""
+
+    def __init__(self, config: FedAvgConfig, w_0: Weights):
+        self.scaffold = Scaffold(w_0, config.num_clients) if config.scaffold else None
+        plain = config.server_opt == "sgd" and config.server_lr == 1 and config.server_momentum == 0
+        self.optimizer = None if plain else ServerOptimizer(w_0, config.server_opt, config.server_lr,
+                                                            config.server_momentum, config.server_beta2,
+                                                            config.server_tau)
+
+    def state_dict(self) -> dict:
+        return {"scaffold": self.scaffold.state_dict() if self.scaffold else None,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaffold:
+            self.scaffold.load_state_dict(state["scaffold"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 def initial_model(config: FedAvgConfig, num_classes: int = 10, input_shape: tuple[int, ...] | None = None,
@@ -120,7 +157,8 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
 
 
 def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
-                   selected: np.ndarray, config: FedAvgConfig, t: int) -> list[ClientResult]:
+                   selected: np.ndarray, config: FedAvgConfig, t: int, scaffold: Scaffold | None = None
+                   ) -> list[ClientResult]:
     """ClientUpdate(k, w_t) for every k in S_t, one client after another."""
     results = []
     for k in selected:
@@ -129,30 +167,49 @@ def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices
         results.append(local_update(model, data.x_train[idx], data.y_train[idx], weights=w_t,
                                     epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                                     momentum=config.momentum, weight_decay=config.weight_decay,
-                                    generator=shuffle_generator(config.seed, t, k)))
+                                    generator=shuffle_generator(config.seed, t, k), mu=config.mu,
+                                    correction=scaffold.correction(k) if scaffold else None))
     return results
 
 
+def vectorized_client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
+                              selected: np.ndarray, config: FedAvgConfig, t: int,
+                              scaffold: Scaffold | None = None) -> list[ClientResult]:
+    """The same ClientUpdates, all clients at once (``fedlib.engine``), as ClientResults."""
+    torch.manual_seed(dropout_seed(config.seed, t))
+    result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
+                                      [shuffle_generator(config.seed, t, k) for k in selected], weights=w_t,
+                                      epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+                                      momentum=config.momentum, weight_decay=config.weight_decay, mu=config.mu,
+                                      corrections=[scaffold.correction(k) for k in selected] if scaffold else None)
+    return [ClientResult(result.client(i), int(result.num_examples[i]), float(result.train_loss[i]),
+                         int(result.steps[i])) for i in range(len(selected))]
+
+
 def run_round(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
-              selected: np.ndarray, config: FedAvgConfig, t: int, engine: str = "sequential"
-              ) -> tuple[Weights, float]:
+              selected: np.ndarray, config: FedAvgConfig, t: int, engine: str = "sequential",
+              state: ServerState | None = None) -> tuple[Weights, float]:
     """One round: ClientUpdate for the clients in S_t, then their n_k-weighted average.
 
-    Returns w_{t+1} and the clients' mean training loss (weighted by n_k, like the weights).
+    Returns w_{t+1} and the clients' mean training loss (weighted by n_k, like the weights;
+    nan if S_t is empty, which only DP-FedAvg's sampling allows). ``state`` holds what the
+    methods of lesson 8 keep between rounds (None: FedAvg).
     """
-    if engine == "vectorized":                               # all clients at once, the same batches
-        torch.manual_seed(dropout_seed(config.seed, t))
-        result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
-                                          [shuffle_generator(config.seed, t, k) for k in selected], weights=w_t,
-                                          epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-                                          momentum=config.momentum, weight_decay=config.weight_decay)
-        clients = [result.client(i) for i in range(len(selected))]
-        n, losses = result.num_examples.tolist(), result.train_loss.tolist()
+    scaffold = state.scaffold if state else None
+    updates = vectorized_client_updates if engine == "vectorized" and len(selected) else client_updates
+    results = updates(model, w_t, data, client_indices, selected, config, t, scaffold)
+    clients, n = [r.weights for r in results], [r.num_examples for r in results]
+    if scaffold:
+        scaffold.update(w_t, list(selected), clients, [r.steps for r in results], config.lr)
+    if config.dp_clip is not None:
+        w_next = dp_aggregate(w_t, clients, config.dp_clip, config.dp_noise, config.frac * config.num_clients,
+                              noise_generator(config.seed, t))
     else:
-        results = client_updates(model, w_t, data, client_indices, selected, config, t)
-        clients, n, losses = [r.weights for r in results], [r.num_examples for r in results], \
-            [r.train_loss for r in results]
-    return fedavg(clients, n), weighted_mean(losses, n)
+        w_next = fedavg(clients, n)
+    if state and state.optimizer:
+        w_next = state.optimizer.step(w_t, w_next)
+    train_loss = weighted_mean([r.train_loss for r in results], n) if results else math.nan
+    return w_next, train_loss
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -186,10 +243,11 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     engine = resolve_engine(config.engine, model)
     client_indices = [torch.as_tensor(idx, device=device) for idx in config.split(data.y_train)]   # the P_k
     w_t = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    state = ServerState(config, w_t)            # control variates, server optimizer (lesson 8)
     history = History(config=asdict(config) | {"engine_used": engine}, device=str(device))
     if saver:
-        w_t, history = saver.resume(w_t, history, device)
-    done = (w_t, len(history.records))          # the last complete round: what a checkpoint holds
+        w_t, history = saver.resume(w_t, history, device, state)
+    done = (w_t, len(history.records), state.state_dict())    # the last complete round: what a checkpoint holds
 
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), ProgressBar(config, history, progress) as bar:
@@ -198,21 +256,21 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
                 if finished(history, config):
                     break
                 began = time.perf_counter()
-                S_t = sample_clients(config.num_clients, config.frac, sampling_rng(config.seed, t))
-                w_t, train_loss = run_round(model, w_t, data, client_indices, S_t, config, t, engine)
+                S_t = select_clients(config, t)
+                w_t, train_loss = run_round(model, w_t, data, client_indices, S_t, config, t, engine, state)
                 record = round_record(model, w_t, data, config, t, S_t, train_loss, began, history)
                 history.records.append(record)
-                done = (w_t, len(history.records))
+                done = (w_t, len(history.records), state.state_dict())
                 bar.update_round(record)
                 if saver and (t % saver.every == 0 or finished(history, config) or t == config.rounds):
-                    saver.save(w_t, history)
+                    saver.save(w_t, history, state.state_dict())
                 if on_round:
                     on_round(record)
         except KeyboardInterrupt:
-            w_done, rounds_done = done
+            w_done, rounds_done, state_done = done
             del history.records[rounds_done:]
             if saver:
-                saver.save(w_done, history)
+                saver.save(w_done, history, state_done)
             raise RunInterrupted(rounds_done, saver.path if saver else None) from None
     model.load_state_dict(w_t)
     history.model = model
@@ -222,8 +280,10 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
 # --- what runs around the loop ------------------------------------------------------------------
 
 def diverged(history: History) -> bool:
-    """Whether the last round's training loss is inf or nan (the weights are then useless)."""
-    return bool(history.records) and not math.isfinite(history.records[-1].train_loss)
+    """Whether the last round's training loss is inf or nan (the weights are then useless).
+    A round without clients (possible only with DP-FedAvg's sampling) has no loss, and is fine."""
+    return bool(history.records) and bool(history.records[-1].clients) \
+        and not math.isfinite(history.records[-1].train_loss)
 
 
 def reached_target(history: History, config: FedAvgConfig) -> bool:
@@ -244,14 +304,15 @@ def round_record(model: nn.Module, w_t: Weights, data: Dataset, config: FedAvgCo
     round whose training diverged (which ends the run, so it gets a final evaluation).
     """
     accuracy = loss = None
-    stops = not math.isfinite(train_loss)
+    stops = len(selected) > 0 and not math.isfinite(train_loss)
     if stops:
         warnings.warn(f"training diverged in round {t} (train loss {train_loss}); the run stops here. "
                       f"A smaller lr (now {config.lr}) usually helps.", stacklevel=3)
     if t % config.eval_every == 0 or t == config.rounds or stops:
         model.load_state_dict(w_t)
         accuracy, loss = evaluate(model, data.x_test, data.y_test)
-    uploaded = (history.records[-1].bytes_uploaded if history.records else 0) + len(selected) * model_bytes(model)
+    per_client = model_bytes(model) * (2 if config.scaffold else 1)      # SCAFFOLD also uploads c_k+ - c_k
+    uploaded = (history.records[-1].bytes_uploaded if history.records else 0) + len(selected) * per_client
     return RoundRecord(t, selected.tolist(), accuracy, loss, train_loss, time.perf_counter() - began, uploaded)
 
 
@@ -290,34 +351,38 @@ class Checkpoint:
         self.path = check_output(path)
         self.config, self.every = config, every
 
-    def save(self, w_t: Weights, history: History) -> None:
+    def save(self, w_t: Weights, history: History, state: dict) -> None:
         buffer = io.BytesIO()
         torch.save({"format": self.FORMAT, "config": asdict(self.config),
-                    "weights": {k: v.detach().cpu() for k, v in w_t.items()}, "history": history.to_dict()}, buffer)
+                    "weights": {k: v.detach().cpu() for k, v in w_t.items()}, "history": history.to_dict(),
+                    "state": state}, buffer)
         atomic_write_bytes(self.path, buffer.getvalue())
 
-    def resume(self, w_0: Weights, fresh: History, device: torch.device) -> tuple[Weights, History]:
-        """The saved w_t and History if the file exists (else ``w_0`` and ``fresh``)."""
+    def resume(self, w_0: Weights, fresh: History, device: torch.device,
+               state: ServerState) -> tuple[Weights, History]:
+        """The saved w_t and History if the file exists (else ``w_0`` and ``fresh``); the
+        server's state between rounds is loaded into ``state``."""
         if not self.path.exists():
             return w_0, fresh
         fix = "delete it or pass another checkpoint path"
         try:
-            state = torch.load(self.path, map_location=device, weights_only=True)
+            saved = torch.load(self.path, map_location=device, weights_only=True)
         except Exception as error:                       # whatever the file holds, it is not ours
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint that can be read safely "
                              f"({reason}); {fix}") from None
-        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+        if not isinstance(saved, dict) or saved.get("format") != self.FORMAT:
             raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint ({self.FORMAT}); {fix}")
-        if state.get("config") != asdict(self.config):
+        if saved.get("config") != asdict(self.config):
             raise InputError(f"checkpoint {self.path} belongs to a run with another configuration; {fix}")
-        weights = state.get("weights")
+        weights = saved.get("weights")
         if not isinstance(weights, dict) or {k: tuple(v.shape) for k, v in weights.items()
                                              if isinstance(v, torch.Tensor)} != {k: tuple(v.shape) for k, v in w_0.items()}:
             raise InputError(f"checkpoint {self.path} holds weights of another model; {fix}")
         try:
-            history = History.from_dict(state.get("history"))
-        except InputError as error:
-            raise InputError(f"checkpoint {self.path}: {error}; {fix}") from None
+            history = History.from_dict(saved.get("history"))
+            state.load_state_dict(saved["state"])
+        except (InputError, KeyError, TypeError, ValueError) as error:
+            raise InputError(f"checkpoint {self.path} is not a complete fedlib checkpoint ({error}); {fix}") from None
         history.config["engine_used"] = fresh.config["engine_used"]
         return {k: v.to(device=device, dtype=w_0[k].dtype) for k, v in weights.items()}, history

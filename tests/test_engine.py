@@ -180,7 +180,7 @@ def unweighted_average(monkeypatch):
 
     def updates(*args, **kwargs):
         result = original(*args, **kwargs)
-        return StackedResult(result.weights, torch.ones_like(result.num_examples), result.train_loss)
+        return StackedResult(result.weights, torch.ones_like(result.num_examples), result.train_loss, result.steps)
     monkeypatch.setattr(fedlib.server, "vectorized_local_updates", updates)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("pinned", "test", "lessons", "book", "flower", "lab")
+EXTRAS = ("pinned", "test", "lessons", "book", "flower", "privacy", "lab")
 
 
 def test_environment_yml_pins_exactly_what_the_extras_pin():
