@@ -71,12 +71,29 @@ def kernel_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def stale_checks(log: Path) -> list[str]:
+    """The hidden checks whose ``stored=`` value no longer is what the lesson computed (more than
+    a tenth of their tolerance away): the number to write into the check after re-executing."""
+    if not log.exists():
+        return []
+    stale = []
+    for line in log.read_text().splitlines():
+        check = json.loads(line)
+        if abs(check["value"] - check["stored"]) > 0.1 * check["within"]:
+            stale.append(f"  {check['what']}: stored={check['stored']:g}, now {check['value']:.6g}")
+    return stale
+
+
 def execute(path: Path) -> tuple[float, float]:
     """Run one notebook from a clean kernel in its own folder and write it back.
 
     Returns the wall-clock seconds and the kernel's CPU seconds (on a shared machine the
-    second says more about the notebook than the first)."""
+    second says more about the notebook than the first). Warns about hidden checks whose
+    stored value has gone stale."""
     nb = nbformat.read(path, as_version=4)
+    log = path.with_name(f".{path.stem}.checks.jsonl")
+    log.unlink(missing_ok=True)
+    os.environ["FEDLIB_CHECKS_LOG"] = str(log)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
@@ -90,6 +107,11 @@ def execute(path: Path) -> tuple[float, float]:
     clean_metadata(nb)
     nbformat.validate(nb)
     nbformat.write(nb, path)
+    stale = stale_checks(log)
+    log.unlink(missing_ok=True)
+    if stale:
+        print(f"{path.name}: hidden checks whose stored value is stale (update them, then re-execute):\n"
+              + "\n".join(stale), file=sys.stderr, flush=True)
     return seconds, cpu_seconds
 
 
