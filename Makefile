@@ -13,11 +13,16 @@ export FEDLIB_DATA ?= $(CURDIR)/data
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# What reading, running every lesson and building needs (make setup, make run; lesson 7 needs
-# Flower, lesson 8 the privacy accountant); the tests add pytest, resolved together with the rest in one pip run so that no
-# package is upgraded behind another's back.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# What building the book needs (make book, make run: it renders stored outputs, runs no lesson).
+$(VENV)/.installed-book: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book]"
+	touch $@
+
+# What running every lesson needs (make setup): lesson 7 needs Flower, lesson 8 the privacy
+# accountant. The tests add pytest, resolved together with the rest in one pip run, so that no
+# package is upgraded behind another's back.
+$(VENV)/.installed: $(VENV)/.installed-book
 	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,flower,privacy]"
 	touch $@
 
@@ -54,8 +59,8 @@ lab: $(VENV)/.installed
 
 # Re-execute every lesson in place, in order, each from a clean kernel, on the CPU in the
 # quick profile, and strip widget state and personal metadata: the stored outputs that the
-# book renders and `make test` checks. Prints the seconds each lesson took. It needs what
-# the tests need (lesson 7 runs Flower).
+# book renders and `make test` checks. Prints the seconds each lesson took and warns about
+# hidden checks whose stored value went stale. It needs what the tests need (lesson 7 runs Flower).
 notebooks: $(VENV)/.installed-test
 	FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python notebooks/execute.py
 
@@ -63,7 +68,7 @@ notebooks: $(VENV)/.installed-test
 # is stored with its outputs (the build renders them, it never runs them), build the site with
 # warnings as errors (--all: every page re-read, so no warning hides in an unchanged page),
 # then print the path of the front page.
-book: setup
+book: $(VENV)/.installed-book
 	$(BIN)/python book/check_outputs.py
 	$(BIN)/jupyter-book build . -W -n --keep-going --all --quiet
 	@echo "$(CURDIR)/_build/html/index.html"

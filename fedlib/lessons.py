@@ -173,29 +173,24 @@ def show_digits(images: torch.Tensor, labels: Sequence[int], ncols: int = 10, ti
     return fig
 
 
-def plot_class_counts(counts: np.ndarray, ax=None, title: str = "Examples per client and class",
-                      normalize: bool = False):
+def plot_class_counts(counts: np.ndarray, ax=None, title: str = "Examples per client and class"):
     """Draw a (K, num_classes) matrix of example counts as a clients x classes picture; return the axes.
 
     Each row is a client, each column a class, the colour how many examples of that
-    class the client holds (``normalize=True``: what share of the client's examples, on a
-    fixed 0 to 1 scale so that pictures of different splits compare):
-    an IID split is an even smear, a non-IID one a few bright cells per row.
+    class the client holds: an IID split is an even smear, a non-IID one a few bright
+    cells per row.
     """
     import matplotlib.pyplot as plt
 
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"counts must be a (K, num_classes) matrix, got shape {counts.shape}")
-    if normalize:
-        counts = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     if ax is None:
         _, ax = plt.subplots(figsize=(3.2, 5))
-    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0,
-                      vmax=1 if normalize else None)
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     ax.set_xticks(range(counts.shape[1]))
     ax.set_xlabel("class (digit)")
     ax.set_ylabel("client k")
     ax.set_title(title)
-    ax.figure.colorbar(image, ax=ax, label="share of the client's examples" if normalize else "examples")
+    ax.figure.colorbar(image, ax=ax, label="examples")
     return ax

@@ -6,8 +6,10 @@ client, into the training set. The same ``seed`` always gives the same split.
 - :func:`iid`: shuffle, then equal parts (the paper: K=100 clients x 600 images).
 - :func:`shards`: the paper's pathological non-IID split (sort by label,
   200 shards of 300, two shards per client: most clients see only two digits).
-- :func:`dirichlet`: label proportions per client drawn from Dir(alpha)
-  (Hsu, Qi and Brown 2019); small alpha is very skewed, large alpha near IID.
+- :func:`dirichlet`: per class, the class's shares over the K clients drawn from
+  Dir(alpha, ..., alpha) (the split of PFNM, Yurochkin et al. 2019, reused by FedMA,
+  Wang et al. 2020, and NIID-Bench, Li et al. 2022; not Hsu et al. 2019's per-client
+  draw); small alpha is very skewed, large alpha near IID; client sizes come out unequal.
 - :func:`unbalanced`: IID labels but client sizes n_k drawn from a lognormal.
 """
 
@@ -73,12 +75,22 @@ def shards(labels, num_clients: int, shards_per_client: int = 2, shard_size: int
 
 def dirichlet(labels, num_clients: int, alpha: float, min_size: int = 10, seed: int = 0,
               max_tries: int = 1000) -> Partition:
-    """Label-skewed split: for each class c, its examples go to the clients in
-    proportions p_c ~ Dir(alpha, ..., alpha) (Hsu et al. 2019).
+    """Label-skewed split, per class: for each class c, its examples go to the K clients in
+    proportions p_c ~ Dir(alpha, ..., alpha).
 
-    A client already holding its fair share n/K gets no more of later classes
-    (the balancing step of the common implementation), and the draw is repeated
-    until every client holds at least ``min_size`` examples.
+    This is the split of the PFNM code (Yurochkin et al. 2019,
+    github.com/IBM/probabilistic-federated-neural-matching), reused by FedMA (Wang et al.
+    2020) and NIID-Bench (Li et al. 2022, partition 'noniid-labeldir'). It is not the
+    Dirichlet split of Hsu et al. (2019), which draws each client's class proportions
+    q ~ Dir(alpha * p) over the classes.
+
+    Classes are dealt in order, and a client already holding its fair share n/K gets no
+    share of the classes dealt after (the balancing step of that code), so the last classes
+    can miss some clients even at large alpha. The whole draw is repeated until every client
+    holds at least ``min_size`` examples; after ``max_tries`` failed draws an InputError
+    (a ValueError) is raised. So alpha -> 0 does not give each client a single class: each
+    class goes almost whole to one client, most clients stay (nearly) empty, and the split
+    is refused. Client sizes n_k are unequal, more so for small alpha.
     """
     y = _as_numpy(labels)
     n = len(y)
