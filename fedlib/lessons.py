@@ -116,12 +116,15 @@ def describe() -> str:
 
 
 def check_stored(what: str, value: float, stored: float, within: float) -> None:
-    """Assert that a trained number is within ``within`` of the value stored in the lesson.
+    """Assert that a trained number is close to the value stored in the lesson.
 
-    The stored outputs come from the quick profile on a CPU; on another machine float
-    rounding moves a trained number a little (far less than changing the seed does),
-    so it is compared with a tolerance instead of as text. Each call's ``within``
-    comes with a comment saying where it comes from. Only the quick profile has stored
+    The stored outputs come from the quick profile on a CPU. On another machine (other
+    kernels, a GPU) float rounding perturbs the run; in a long, chaotic training run the
+    perturbation can grow until the result is simply another draw of the same random
+    process, as if the seed had changed but the partition, sampling and shuffles had not.
+    So ``within`` is the spread of the number over seeds 0-4 (measured, and written in a
+    comment at the call), and two draws of that process may differ by up to about twice
+    their spread: the check allows ``2 * within``. Only the quick profile has stored
     values: in the full profile this checks nothing.
     """
     if profile() != "quick":
@@ -130,9 +133,9 @@ def check_stored(what: str, value: float, stored: float, within: float) -> None:
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({"what": what, "value": float(value), "stored": stored, "within": within}) + "\n")
-    if not abs(value - stored) <= within:
+    if not abs(value - stored) <= 2 * within:
         raise AssertionError(f"{what} = {value:.6g}, but the lesson stores {stored:g} "
-                             f"(allowed difference {within:g})")
+                             f"(allowed difference 2 x {within:g})")
 
 
 def glue(name: str, value: object) -> None:

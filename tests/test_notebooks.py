@@ -233,7 +233,8 @@ def test_cut_down_full_profile_scales_sizes_only(no_profile_env, monkeypatch):
 def test_check_stored_compares_only_in_the_quick_profile(no_profile_env, monkeypatch):
     monkeypatch.setenv("FEDLIB_DEVICE", "cpu")
     lessons.check_stored("accuracy", 0.957, stored=0.958, within=0.01)
-    for wrong in (0.94, float("nan")):
+    lessons.check_stored("accuracy", 0.939, stored=0.958, within=0.01)     # another draw: up to 2 x the spread
+    for wrong in (0.937, float("nan")):
         with pytest.raises(AssertionError, match="accuracy"):
             lessons.check_stored("accuracy", wrong, stored=0.958, within=0.01)
     monkeypatch.setenv("FEDLIB_PROFILE", "full")
