@@ -18,11 +18,14 @@ DROPOUT         the dropout masks of round t             :func:`dropout_seed`
 NOISE           DP-FedAvg's noise in round t             :func:`noise_generator`
 ==============  =======================================  ===============================
 
-Dropout is the one exception to "the same numbers everywhere": one client at a time
-(``local_update``, Flower's ClientApp) draws client k's masks from
-``dropout_seed(seed, t, k)``; the vectorised engine draws every client's masks at once
-from ``dropout_seed(seed, t)``, so with a dropout model the two engines train on other
-masks (the paper's 2NN and CNN have no dropout, and for them the engines agree).
+Dropout: client k's masks in round t come from ``dropout_seed(seed, t, k)``. One client
+at a time (``local_update``, Flower's ClientApp), torch is seeded with it and the
+model's ``nn.Dropout`` layers draw from torch's generator; the vectorised engine gives
+client k a generator of its own with that seed and draws, before the round, exactly
+the masks ``nn.Dropout`` would (``fedlib.engine.schedule``). So on a CPU both engines
+train on the same masks. On a GPU, ``nn.Dropout`` draws from CUDA's generator instead:
+there the sequential engine's masks differ from the vectorised engine's, which are
+drawn on the CPU and so are the same on every device.
 """
 
 from __future__ import annotations

@@ -175,13 +175,15 @@ def client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices
 def vectorized_client_updates(model: nn.Module, w_t: Weights, data: Dataset, client_indices: list[torch.Tensor],
                               selected: np.ndarray, config: FedAvgConfig, t: int,
                               scaffold: Scaffold | None = None) -> list[ClientResult]:
-    """The same ClientUpdates, all clients at once (``fedlib.engine``), as ClientResults."""
-    torch.manual_seed(dropout_seed(config.seed, t))
+    """The same ClientUpdates, all clients at once (``fedlib.engine``), as ClientResults; each
+    client draws its dropout masks from its own stream, as in ``client_updates``."""
     result = vectorized_local_updates(model, data.x_train, data.y_train, [client_indices[k] for k in selected],
                                       [shuffle_generator(config.seed, t, k) for k in selected], weights=w_t,
                                       epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
                                       momentum=config.momentum, weight_decay=config.weight_decay, mu=config.mu,
-                                      corrections=[scaffold.correction(k) for k in selected] if scaffold else None)
+                                      corrections=[scaffold.correction(k) for k in selected] if scaffold else None,
+                                      dropout_generators=[torch.Generator().manual_seed(dropout_seed(config.seed, t, k))
+                                                          for k in selected])
     return [ClientResult(result.client(i), int(result.num_examples[i]), float(result.train_loss[i]),
                          int(result.steps[i])) for i in range(len(selected))]
 
