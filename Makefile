@@ -19,7 +19,7 @@ $(VENV)/.installed-book: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[pinned,lessons,book]"
 	touch $@
 
-# What running every lesson needs (make setup): lesson 7 needs Flower, lesson 8 the privacy
+# What running every lesson needs (make setup): lesson 7 needs Flower, lesson 9 the privacy
 # accountant. The tests add pytest, resolved together with the rest in one pip run, so that no
 # package is upgraded behind another's back.
 $(VENV)/.installed: $(VENV)/.installed-book

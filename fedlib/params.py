@@ -110,7 +110,7 @@ SIGMA = Range(float, 0)
 TARGET = Range(float, 0, 1, low_open=True, none="no target")
 THREADS = Range(int, 1)
 CHECKPOINT_EVERY = Range(int, 1)
-# Beyond FedAvg (lesson 8): FedProx, the server optimizers, DP-FedAvg.
+# Beyond FedAvg (lessons 8 and 9): FedProx, the server optimizers, DP-FedAvg.
 MU = Range(float, 0)
 SERVER_LR = Range(float, 0, low_open=True)
 SERVER_MOMENTUM = Range(float, 0, 1, high_open=True)

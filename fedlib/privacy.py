@@ -1,6 +1,6 @@
 """Differentially private FedAvg (McMahan, Ramage, Talwar and Zhang, ICLR 2018).
 
-FedAvg keeps the data on the clients, but what they send can still give it away (lesson 8
+FedAvg keeps the data on the clients, but what they send can still give it away (lesson 9
 recovers a training image from one client's update). DP-FedAvg bounds how much any one
 client can change the model and hides that change in noise. In each round t:
 

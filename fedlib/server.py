@@ -17,7 +17,7 @@ loop with an evaluation of the global model after each round, a
 :class:`~fedlib.metrics.History`, and what a long run needs around it: a checkpoint to
 resume from, stopping rules and a progress bar, each in a small helper below the loop.
 
-The methods of lesson 8 change one step each, and their defaults are FedAvg: FedProx
+The methods of lessons 8 and 9 change one step each, and their defaults are FedAvg: FedProx
 and SCAFFOLD the local update (``mu``, ``scaffold``; see ``fedlib.algorithms``), the
 server optimizers the last line (``server_opt``, ``server_lr``, ``server_momentum``),
 and DP-FedAvg the sampling and the average (``dp_clip``, ``dp_noise``; ``fedlib.privacy``).

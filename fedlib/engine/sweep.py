@@ -20,7 +20,7 @@ engine. A record's ``seconds`` is the time of the whole batched round.
 
 Runs may differ in: lr, seed, partition (and its parameters), rounds, target,
 stop_at_target, eval_every, init. They must share everything else (:func:`sweep_reason`
-says what differs); the methods of lesson 8 (SCAFFOLD, server optimizers, DP) are not
+says what differs); the methods of lessons 8 and 9 (SCAFFOLD, server optimizers, DP) are not
 batched.
 """
 
