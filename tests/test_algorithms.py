@@ -17,9 +17,10 @@ from torch.nn import functional as F
 
 from fedlib import Dataset, FedAvgConfig, build_model, run
 from fedlib.algorithms import Scaffold, ServerOptimizer
-from fedlib.client import epoch_batches, local_update
+from fedlib.client import local_update
 from fedlib.privacy import clip, dp_aggregate, epsilon, sample_clients_poisson
-from fedlib.server import ServerState, fedavg, initial_model, run_round
+from fedlib.server import ServerState, initial_model, run_round
+from tests.test_fedavg import sgd_by_hand
 
 U64 = torch.finfo(torch.float64).eps / 2
 
@@ -46,17 +47,10 @@ def test_fedprox_adds_mu_times_w_minus_w_t_to_every_gradient():
     w_t = {k: v.clone() for k, v in model.state_dict().items()}
     result = local_update(model, data.x_train, data.y_train, weights=w_t, epochs=2, batch_size=10, lr=0.1,
                           mu=0.5, generator=torch.Generator().manual_seed(1))
-    reference = build_model("2nn").double()
-    reference.load_state_dict(w_t)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        for batch in epoch_batches(30, 10, generator):
-            reference.zero_grad()
-            F.cross_entropy(reference(data.x_train[batch]), data.y_train[batch]).backward()
-            with torch.no_grad():
-                for name, p in reference.named_parameters():
-                    p -= 0.1 * (p.grad + 0.5 * (p - w_t[name]))        # Li et al. 2020: grad of F_k + mu/2 ||w - w_t||^2
-    assert close(result.weights, reference.state_dict(), steps=6)
+    # Li et al. 2020: each step follows the gradient of F_k(w) + mu/2 ||w - w_t||^2.
+    reference = sgd_by_hand(data.x_train, data.y_train, w_t, epochs=2, batch_size=10, lr=0.1, seed=1,
+                            extra=lambda name, p: 0.5 * (p - w_t[name]))
+    assert close(result.weights, reference, steps=6)
     assert result.steps == 6
     plain = local_update(model, data.x_train, data.y_train, weights=w_t, epochs=2, batch_size=10, lr=0.1,
                          generator=torch.Generator().manual_seed(1))

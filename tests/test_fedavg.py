@@ -82,6 +82,21 @@ def assert_within_rounding(got: dict, expected: dict, steps: int, longest_sum: i
         assert (got[name] - value).abs().max().item() <= bound, name
 
 
+def sgd_by_hand(x, y, w0, epochs, batch_size, lr, seed, extra=lambda name, p: 0.0) -> dict:
+    """E epochs of minibatch SGD on (x, y) from w0, each step written out: w <- w - lr (g + extra)."""
+    reference = build_model("2nn").double()
+    reference.load_state_dict(w0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in epoch_batches(len(y), batch_size, generator):
+            reference.zero_grad()
+            F.cross_entropy(reference(x[batch]), y[batch]).backward()
+            with torch.no_grad():
+                for name, p in reference.named_parameters():
+                    p -= lr * (p.grad + extra(name, p))
+    return reference.state_dict()
+
+
 def test_local_update_is_E_epochs_of_minibatch_sgd():
     data = small_data(30, dtype=torch.float64)
     torch.manual_seed(0)
@@ -90,17 +105,8 @@ def test_local_update_is_E_epochs_of_minibatch_sgd():
     result = local_update(model, data.x_train, data.y_train, weights=w0, epochs=2, batch_size=10, lr=0.05,
                           generator=torch.Generator().manual_seed(1))
     # The same steps written out by hand: 2 epochs x 3 batches of plain SGD.
-    reference = build_model("2nn").double()
-    reference.load_state_dict(w0)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        for batch in epoch_batches(30, 10, generator):
-            reference.zero_grad()
-            F.cross_entropy(reference(data.x_train[batch]), data.y_train[batch]).backward()
-            with torch.no_grad():
-                for p in reference.parameters():
-                    p -= 0.05 * p.grad
-    assert_within_rounding(result.weights, reference.state_dict(), steps=6)
+    reference = sgd_by_hand(data.x_train, data.y_train, w0, epochs=2, batch_size=10, lr=0.05, seed=1)
+    assert_within_rounding(result.weights, reference, steps=6)
     assert result.num_examples == 30 and result.train_loss > 0
     assert not torch.equal(result.weights["fc1.weight"], w0["fc1.weight"])
 
