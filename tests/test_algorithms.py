@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from fedlib import Dataset, FedAvgConfig, build_model, run
-from fedlib.algorithms import Scaffold, ServerOptimizer
+from fedlib.algorithms import ServerOptimizer
 from fedlib.client import local_update
 from fedlib.privacy import clip, dp_aggregate, epsilon, sample_clients_poisson
 from fedlib.server import ServerState, initial_model, run_round
