@@ -8,7 +8,6 @@ of at most n terms, may move the weights by about T S n u max|w| (u = 2^-53).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
