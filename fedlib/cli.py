@@ -93,16 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--title", default="Test accuracy per round")
 
     rep = commands.add_parser("reproduce", help="run the paper's MNIST tables (resumable) or compare with them")
-    rep.add_argument("--table", choices=("1", "2"), required=True, help="Table 1 (effect of C) or 2 (effect of E, B)")
+    rep.add_argument("--table", choices=("1", "2", "ablation"), default=None,
+                     help="Table 1 (effect of C), 2 (effect of E, B), or the ablation of our 2NN's gap to the paper "
+                          "(required, except with --list, which then lists all three)")
     rep.add_argument("--model", choices=("2nn", "cnn"), default=None, help="only this model's rows")
     rep.add_argument("--partition", choices=("iid", "shards"), default=None, help="only IID or only non-IID")
     rep.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these settings (see --list)")
     rep.add_argument("--lr", nargs="+", type=flag_type(P.LR), default=None,
                      help="learning rates to try (default: each setting's grid)")
-    rep.add_argument("--seeds", nargs="+", type=flag_type(P.SEED), default=[0])
+    rep.add_argument("--seeds", nargs="+", type=flag_type(P.SEED), default=None,
+                     help="seeds to run or list (default: 0 for Tables 1 and 2, the ablation's planned seeds; "
+                          "--list without --table shows every planned seed)")
     rep.add_argument("--max-rounds", type=flag_type(P.ROUNDS), default=None, help="a lower round cap (quick checks)")
-    rep.add_argument("--out", default="results/reproduce", help="one JSON file per run (default %(default)s)")
+    rep.add_argument("--out", default=None, help="one JSON file per run (default results/reproduce for "
+                                                 "Tables 1 and 2, results/ablation for the ablation)")
     rep.add_argument("--device", choices=DEVICES, default="auto")
+    rep.add_argument("--together", choices=("auto", "on", "off"), default="auto",
+                     help="train the runs of one (model, C, E, B) group as one batch (fedlib.engine.sweep.run_many), "
+                          "equal to one at a time up to float rounding (default auto: on a GPU only)")
     rep.add_argument("--threads", type=flag_type(P.THREADS), default=None, help="CPU threads for torch")
     rep.add_argument("--list", action="store_true", help="list the runs and whether each is done, then exit")
     rep.add_argument("--summary", action="store_true", help="compare saved results with the paper, then exit")
@@ -114,28 +122,60 @@ def _reproduce(args: argparse.Namespace) -> int:
     from fedlib import reproduce as R
     from fedlib.runtime import set_threads
 
-    settings = R.select(R.paper_settings(args.table), args.model, args.partition, args.only)
+    if args.table is None:
+        if not args.list:
+            raise UsageError("fedlib reproduce: --table is required (1, 2 or ablation), except with --list")
+        seen: set = set()
+        for table in R.TABLES:                     # everything: each table's runs, done and pending
+            out = args.out or R.DEFAULT_OUT[table]
+            print(f"# table {table} ({out})")
+            counts = _list_runs(R, R.select(R.settings_of(table), args.model, args.partition), args.lr,
+                                args.seeds, out, seen)
+            print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+        return 0
+    settings = R.select(R.settings_of(args.table), args.model, args.partition, args.only)
+    out = args.out or R.DEFAULT_OUT[args.table]
+    seeds = args.seeds or (None if args.table == "ablation" else [0])     # None: each setting's planned seeds
     if args.summary:
-        for row in R.comparison_rows(args.table, args.out, args.seeds[0]):
+        for row in R.comparison_rows(args.table, out, (args.seeds or [0])[0]):
             if row["setting"] in {s.name for s in settings}:
                 ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
                 ours = f"{row['ours']:.1f}" if isinstance(row["ours"], float) else row["ours"]
-                print(f"{row['setting']:32s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
+                print(f"{row['setting']:40s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
         return 0
     if args.list:
-        for s in settings:
-            for lr in args.lr or s.learning_rates():
-                for seed in args.seeds:
-                    status = R.run_status(s, lr, seed, args.out)
-                    print(f"{status:8s}{R.run_id(s, lr, seed)}  (cap {s.round_cap} rounds)")
+        _list_runs(R, settings, args.lr, seeds, out, seen=set())
         return 0
     set_threads(args.threads)
-    check_folder(args.out)
-    results = R.sweep(settings, args.out, args.lr, args.seeds, args.device, args.max_rounds,
-                      progress=not args.no_progress)
+    check_folder(out)
+    together = {"auto": None, "on": True, "off": False}[args.together]      # None: on a GPU only
+    results = R.sweep(settings, out, args.lr, seeds, args.device, args.max_rounds,
+                      progress=not args.no_progress, together=together)
     reached = sum(r["reached"] for r in results)
-    print(f"{len(results)} runs in {args.out}: {reached} reached their target")
+    print(f"{len(results)} runs in {out}: {reached} reached their target")
     return 0
+
+
+def _list_runs(R, settings, lrs, seeds, out: str, seen: set) -> dict[str, int]:
+    """One line per planned run (done, pending or corrupt), then the saved runs outside the plan
+    (extra); a setting that two tables share is listed once. Returns the count of each status."""
+    counts = {"done": 0, "pending": 0, "corrupt": 0, "extra": 0}
+    for s in settings:
+        if (out, s.name) in seen:
+            continue
+        seen.add((out, s.name))
+        for lr in lrs or s.learning_rates():
+            for seed in seeds or s.seeds():
+                status = R.run_status(s, lr, seed, out)
+                counts[status] += 1
+                print(f"{status:8s}{R.run_id(s, lr, seed)}  (cap {s.round_cap} rounds)")
+        planned = {R.run_id(s, lr, seed) for lr in lrs or s.learning_rates() for seed in seeds or s.seeds()}
+        plan = {R.run_id(s, lr, seed) for lr in s.learning_rates() for seed in s.seeds()}
+        for path in sorted(Path(out).glob(f"{s.name}-lr*.json")):
+            if path.stem not in planned | plan:
+                counts["extra"] += 1
+                print(f"{'extra':8s}{path.stem}  (saved, outside the plan)")
+    return counts
 
 
 def _train(args: argparse.Namespace) -> int:

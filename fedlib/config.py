@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from fedlib import params as P
-from fedlib.data import DATASETS
-from fedlib.models import MODELS
+from fedlib.data import DATASETS, SCALINGS
+from fedlib.models import INITS, MODELS
 from fedlib.params import InputError
 from fedlib.partition import PARTITIONS, Partition, make_partition
 from fedlib.runtime import DEVICES
@@ -60,6 +60,10 @@ class FedAvgConfig:
                        choices=ENGINES)
     momentum: float = knob(0.0, "the clients' SGD momentum (the paper uses none)", P.MOMENTUM)
     weight_decay: float = knob(0.0, "the clients' L2 weight decay (the paper uses none)", P.WEIGHT_DECAY)
+    input_scaling: str = knob("standardize", "how pixels become inputs: standardize (mean 0, std 1), "
+                                             "unit ([0, 1]) or raw (0-255); see fedlib.data", choices=SCALINGS)
+    init: str = knob("pytorch", "how w_0 is drawn: PyTorch's default, or a TensorFlow-style "
+                                "truncated-normal or glorot-uniform; see fedlib.models", choices=INITS)
     shards_per_client: int = knob(2, "shards per client (partition shards)", P.SHARDS_PER_CLIENT)
     shard_size: int | None = knob(None, "examples per shard (partition shards); default: n / (K * shards)",
                                   P.SHARD_SIZE)

@@ -1,8 +1,9 @@
 """Datasets as whole tensors on the device.
 
 ``load_dataset`` reads MNIST, Fashion-MNIST or CIFAR-10 with ``torchvision`` and
-returns the full train and test sets as normalised float tensors with int64
-labels. Holding everything as one tensor means a client's data is just an index
+returns the full train and test sets as float tensors with int64 labels, the pixels
+standardised with the training set's mean and standard deviation (or, with
+``scaling=``, scaled to [0, 1] or left at 0-255). Holding everything as one tensor means a client's data is just an index
 array into it: no DataLoader and no per-sample transform runs during training.
 """
 
@@ -26,6 +27,10 @@ NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 DATASETS = tuple(NORMALIZATION)
+
+# How pixel values p (0-255) become inputs: standardize: (p/255 - mean) / std, per channel
+# (fedlib's default); unit: p/255, in [0, 1]; raw: p itself, 0-255.
+SCALINGS = ("standardize", "unit", "raw")
 
 _TORCHVISION_CLASS = {
     "mnist": torchvision.datasets.MNIST,
@@ -58,8 +63,9 @@ class DatasetCorruptError(InputError):
 class Dataset:
     """A whole dataset held as tensors.
 
-    ``x_train``: (N, C, H, W) float32, normalised; ``y_train``: (N,) int64.
-    ``x_test`` and ``y_test`` likewise for the test set (10,000 images for all three).
+    ``x_train``: (N, C, H, W) float32, scaled as ``scaling`` says (one of ``SCALINGS``);
+    ``y_train``: (N,) int64. ``x_test`` and ``y_test`` likewise for the test set
+    (10,000 images for all three).
     """
 
     name: str
@@ -68,6 +74,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str]
+    scaling: str = "standardize"
 
     @property
     def num_classes(self) -> int:
@@ -82,7 +89,8 @@ class Dataset:
         ``dtype`` (None keeps each); labels stay int64. ``run`` trains in the images'
         dtype, so ``data.to(dtype=torch.float64)`` gives a float64 run (the tests use it)."""
         return Dataset(self.name, self.x_train.to(device=device, dtype=dtype), self.y_train.to(device),
-                       self.x_test.to(device=device, dtype=dtype), self.y_test.to(device), self.classes)
+                       self.x_test.to(device=device, dtype=dtype), self.y_test.to(device), self.classes,
+                       self.scaling)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -143,34 +151,44 @@ def _check_shapes(name: str, root: Path, raw):
     return raw
 
 
-def _to_tensors(name: str, raw) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised float32 (N, C, H, W); labels -> int64 (N,)."""
+def _to_tensors(name: str, raw, scaling: str = "standardize") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> float32 (N, C, H, W) scaled as ``scaling`` says; labels -> int64 (N,)."""
     images = torch.as_tensor(np.asarray(raw.data))
     if images.ndim == 3:                      # MNIST: (N, 28, 28) -> (N, 1, 28, 28)
         images = images.unsqueeze(1)
     else:                                     # CIFAR: (N, 32, 32, 3) -> (N, 3, 32, 32)
         images = images.permute(0, 3, 1, 2)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALIZATION[name])
-    x = (images.float() / 255.0 - mean) / std
+    x = images.float()                        # raw: 0-255
+    if scaling != "raw":
+        x = x / 255.0                         # unit: [0, 1]
+    if scaling == "standardize":
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALIZATION[name])
+        x = (x - mean) / std
     y = torch.as_tensor(np.asarray(raw.targets), dtype=torch.int64)
     return x.contiguous(), y
 
 
 def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, download: bool = True) -> Dataset:
+                 device: str | torch.device | None = None, download: bool = True,
+                 scaling: str = "standardize") -> Dataset:
     """Load a whole dataset as tensors on ``device`` (None: cuda if available, else cpu).
 
     name: ``mnist``, ``fashion-mnist`` or ``cifar10``. root: see :func:`data_root`.
+    scaling: how pixels become inputs, one of ``SCALINGS``: ``standardize`` (the
+    training set's mean 0 and standard deviation 1 per channel), ``unit`` ([0, 1]) or
+    ``raw`` (0-255).
     With the files present nothing touches the network; with them missing,
     torchvision tries to download them (unless ``download=False``), and if that
     fails a :class:`DatasetNotFoundError` says where we looked and how to fix it.
     """
     if name not in NORMALIZATION:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    if scaling not in SCALINGS:
+        raise InputError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     folder = data_root(root)
     train = _read_torchvision(name, folder, train=True, download=download)
     test = _read_torchvision(name, folder, train=False, download=download)
-    x_train, y_train = _to_tensors(name, train)
-    x_test, y_test = _to_tensors(name, test)
+    x_train, y_train = _to_tensors(name, train, scaling)
+    x_test, y_test = _to_tensors(name, test, scaling)
     dev = get_device(device)
-    return Dataset(name, x_train, y_train, x_test, y_test, list(train.classes)).to(dev)
+    return Dataset(name, x_train, y_train, x_test, y_test, list(train.classes), scaling).to(dev)

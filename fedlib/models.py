@@ -12,6 +12,10 @@ name           architecture                                       parameters
 ``cnn-small``  reproduction: conv(10)-conv(20)-fc50-fc10, dropout  21,840
 ``cifar-cnn``  conv(6)-conv(16)-fc120-fc84-fc10 for 3x32x32        62,006
 =============  =================================================  ===========
+
+Every model starts from PyTorch's default initialisation; :func:`initialize` redraws
+the weights of its linear and convolutional layers the way TensorFlow programs of
+2016 commonly did (``INITS``), for the ablation in lesson 6.
 """
 
 from __future__ import annotations
@@ -108,6 +112,34 @@ class CifarCNN(nn.Module):
         x = F.relu(self.fc1(x.flatten(1)))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+# How w_0 is drawn for every linear and convolutional layer:
+# pytorch: PyTorch's default, weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+# truncated-normal: weights ~ N(0, 0.1^2) redrawn beyond 2 standard deviations, biases 0.1
+#   (TensorFlow's truncated_normal(stddev=0.1) and constant(0.1), as in its 2016 MNIST tutorial);
+# glorot-uniform: weights ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)), biases 0
+#   (Glorot and Bengio 2010; the default of TensorFlow's and Keras's dense layers).
+INITS = ("pytorch", "truncated-normal", "glorot-uniform")
+
+
+def initialize(model: nn.Module, init: str = "pytorch") -> nn.Module:
+    """Redraw the weights of ``model``'s linear and convolutional layers as ``init`` says
+    (one of ``INITS``; ``pytorch`` leaves the model as built). Draws from torch's global
+    random state, so seed it first (``fedlib.server.initial_model`` does)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "pytorch":
+        return model
+    for layer in model.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            if init == "truncated-normal":
+                nn.init.trunc_normal_(layer.weight, mean=0.0, std=0.1, a=-0.2, b=0.2)
+                nn.init.constant_(layer.bias, 0.1)
+            else:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    return model
 
 
 MODELS = {"2nn": TwoNN, "cnn": CNN, "mlp": MLPDropout, "cnn-small": SmallCNN, "cifar-cnn": CifarCNN}

@@ -46,7 +46,7 @@ from fedlib.data import Dataset, load_dataset
 from fedlib.engine import sequential_is_faster, vectorized_local_updates, vectorized_unsupported_reason
 from fedlib.files import atomic_write_bytes, check_output
 from fedlib.metrics import History, RoundRecord, evaluate
-from fedlib.models import build_model, model_bytes
+from fedlib.models import build_model, initialize, model_bytes
 from fedlib.params import InputError
 from fedlib.runtime import get_device
 from fedlib.privacy import dp_aggregate, sample_clients_poisson
@@ -122,14 +122,15 @@ class ServerState:
 
 def initial_model(config: FedAvgConfig, num_classes: int = 10, input_shape: tuple[int, ...] | None = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with w_0, the initial weights drawn from the run's seed.
+    """The model with w_0, the initial weights drawn from the run's seed as ``config.init``
+    says (PyTorch's default, or a TensorFlow-style initialiser: ``fedlib.models.initialize``).
 
     fedlib.run, Flower's ServerApp and the lessons all start from this, so their runs
     begin from the identical model. The caller's random state is left alone.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(config.model, num_classes, input_shape)
+        model = initialize(build_model(config.model, num_classes, input_shape), config.init)
     return model.to(device=device, dtype=dtype)
 
 
