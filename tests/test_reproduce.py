@@ -1,5 +1,6 @@
 """The reproduction runner: the paper's numbers, the settings, resumable sweeps."""
 
+import dataclasses
 import json
 
 import pytest
@@ -102,3 +103,107 @@ def test_best_run_prefers_reached_then_unreached_then_diverged():
     assert R.best_per_setting(runs)[("s", 0)]["lr"] == 0.05
     assert R.best_per_setting(runs[:2])[("s", 0)]["lr"] == 0.1
     assert R.best_per_setting(runs[:1])[("s", 0)]["diverged"]
+
+
+# --- sweeps that train their runs together (fedlib.engine.sweep.run_many) -----------------------
+
+def tiny_setting(target: float = 0.12) -> R.Setting:
+    """Table 1's 2NN at C = 0.1, E = 1, B = 10, with a target the tiny data reaches in 1 to 3 rounds."""
+    setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
+    return dataclasses.replace(setting, target=target)
+
+
+def trajectory(result: dict) -> list[tuple]:
+    """A saved run round by round: the clients S_t and the test accuracy."""
+    return [(r["clients"], r["test_accuracy"]) for r in result["history"]["records"]]
+
+
+def test_a_sweep_trained_together_equals_one_run_at_a_time(tiny_mnist, tmp_path):
+    """In float64 the batched and the lone runs differ by ~1e-14 in their weights: the same
+    clients every round, training losses equal to 1e-10, and no test example changes its
+    predicted class, so the accuracies and rounds to target are equal."""
+    data, setting = tiny_mnist.to(dtype=torch.float64), tiny_setting()
+    sweep = dict(lrs=[0.05, 0.1], seeds=[0, 1], max_rounds=4, data=data, progress=False)
+    batched = R.sweep([setting], tmp_path / "together", together=True, **sweep)
+    alone = R.sweep([setting], tmp_path / "alone", together=False, **sweep)
+    assert [(r["lr"], r["seed"]) for r in batched] == [(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1)]
+    assert [r["rounds_run"] for r in alone] == [3, 1, 3, 1]     # runs leave the batch as they reach the target
+    for b, a in zip(batched, alone):
+        assert trajectory(b) == trajectory(a)
+        assert [r["train_loss"] for r in b["history"]["records"]] == \
+            pytest.approx([r["train_loss"] for r in a["history"]["records"]], rel=1e-10)
+        assert (b["rounds_to_target"], b["reached"], b["rounds_run"]) == \
+            (a["rounds_to_target"], a["reached"], a["rounds_run"])
+        assert b["command"] == a["command"]
+        assert (b["together"], a["together"]) == (4, 1)
+    files = sorted((tmp_path / "together").glob("*.json"))
+    assert len(files) == 4 and all(json.loads(f.read_text())["together"] == 4 for f in files)
+    assert not list((tmp_path / "together" / ".checkpoints").glob("*"))     # finished runs leave no checkpoint
+
+
+def test_an_interrupted_sweep_trained_together_resumes(tiny_mnist, tmp_path, monkeypatch):
+    data, setting = tiny_mnist.to(dtype=torch.float64), tiny_setting(target=0.99)   # every run goes to the cap
+    sweep = dict(lrs=[0.05, 0.1], seeds=[0, 1], max_rounds=4, data=data, progress=False, together=True)
+    whole = R.sweep([setting], tmp_path / "whole", **sweep)
+    real_run_many = R.run_many
+
+    def stop_in_round_2(run, record):
+        if record.round == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(R, "run_many", lambda *a, **k: real_run_many(*a, **k, on_round=stop_in_round_2))
+    with pytest.raises(KeyboardInterrupt):
+        R.sweep([setting], tmp_path / "stopped", **sweep)
+    assert len(list((tmp_path / "stopped" / ".checkpoints").glob("*.ckpt"))) == 4
+    assert not list((tmp_path / "stopped").glob("*.json"))
+
+    trained = []
+    monkeypatch.setattr(R, "run_many", lambda *a, **k: real_run_many(*a, **k, on_round=lambda i, r: trained.append(r)))
+    resumed = R.sweep([setting], tmp_path / "stopped", **sweep)
+    assert sorted(r.round for r in trained) == [3] * 4 + [4] * 4      # rounds 1 and 2 came from the checkpoints
+    for r, w in zip(resumed, whole):
+        assert trajectory(r) == trajectory(w) and r["together"] == 4
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(R, "run_many", must_not_train)
+    monkeypatch.setattr(R, "run", must_not_train)
+    assert R.sweep([setting], tmp_path / "stopped", **sweep) == resumed
+
+
+def test_a_sweep_trained_together_returns_runs_in_job_order(tiny_mnist, tmp_path, monkeypatch):
+    """Runs are grouped by (model, C, E, B, scaling) across settings, and come back in the sweep's order."""
+    by_name = {s.name: s for s in R.ablation_settings()}
+    settings = [by_name["2nn-iid-C0.1-E1-B10-fedlib"], by_name["2nn-iid-C0.1-E1-Binf-fedlib"],
+                by_name["2nn-iid-C0.1-E1-B10-truncnormal"]]        # the first and last share a group
+    sweep = dict(lrs=[0.1], max_rounds=2, data=tiny_mnist, progress=False)
+    R.sweep(settings[2:], tmp_path, seeds=[1], together=False, **sweep)              # one run already saved
+    sizes = []
+    real_run_many = R.run_many
+    monkeypatch.setattr(R, "run_many", lambda configs, *a, **k: sizes.append(len(configs))
+                        or real_run_many(configs, *a, **k))
+    results = R.sweep(settings, tmp_path, seeds=[0, 1], together=True, **sweep)
+    assert [(r["setting"]["name"], r["seed"]) for r in results] == [(s.name, seed) for s in settings for seed in (0, 1)]
+    assert [r["together"] for r in results] == [3, 3, 2, 2, 3, 1] and sizes == [3, 2]
+    assert [r["history"]["config"]["init"] for r in results] == ["pytorch"] * 4 + ["truncated-normal"] * 2
+
+
+def test_a_group_that_cannot_be_batched_runs_one_at_a_time(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "sweep_reason", lambda configs: "a reason")
+    monkeypatch.setattr(R, "run_many", lambda *a, **k: pytest.fail("run_many was called"))
+    results = R.sweep([tiny_setting()], tmp_path, lrs=[0.1], seeds=[0, 1], max_rounds=2, data=tiny_mnist,
+                      progress=False, together=True)
+    assert [r["together"] for r in results] == [1, 1]
+
+
+def test_reproduce_together_flag(tmp_path, monkeypatch, capsys):
+    from fedlib.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--table", "1", "--together", "maybe"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --together: invalid choice: 'maybe'" in err and len(err.strip().splitlines()) == 1, err
+    asked = []
+    monkeypatch.setattr(R, "sweep", lambda *a, **k: asked.append(k["together"]) or [])
+    for flag in ("auto", "on", "off"):
+        assert main(["reproduce", "--table", "1", "--only", "2nn-iid-C0.1-E1-B10", "--together", flag,
+                     "--no-progress"]) == 0
+    assert asked == [None, True, False]
