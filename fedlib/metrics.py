@@ -8,6 +8,7 @@ configuration and the library versions, and saves to / loads from JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from fedlib.files import atomic_write_text
 from fedlib.params import InputError
+from fedlib.version import __version__
 
 
 @torch.no_grad()
@@ -60,9 +62,17 @@ class RoundRecord:
 
 def versions() -> dict[str, str]:
     """Versions that decide the numbers a run produces."""
-    from fedlib import __version__
     return {"fedlib": __version__, "torch": str(torch.__version__), "numpy": str(np.__version__),
             "python": platform.python_version()}
+
+
+def diverged(record: RoundRecord) -> bool:
+    """Whether training broke down in this round: its clients' mean training loss is inf or nan,
+    or the global model it produced is (its test loss, when evaluated, is inf or nan; a run
+    evaluates every round whose weights are not finite). A round without clients, which only
+    DP-FedAvg's sampling allows, has no training loss and has not diverged."""
+    return (bool(record.clients) and not math.isfinite(record.train_loss)) \
+        or (record.test_loss is not None and not math.isfinite(record.test_loss))
 
 
 @dataclass
@@ -102,6 +112,11 @@ class History:
     @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.records)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the run's last round diverged (:func:`diverged`), which ends a run."""
+        return bool(self.records) and diverged(self.records[-1])
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "versions": self.versions, "device": self.device,

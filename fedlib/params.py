@@ -37,6 +37,7 @@ class Range:
     high_open: bool = False
     none: str = ""
     symbol: str = ""
+    none_words: tuple[str, ...] = ("inf", "infinity", "none", "all")   # what means None on the command line
 
     def describe(self, none_word: str = "None") -> str:
         """The allowed values in words, e.g. 'a finite number in [0, 1)' or 'an integer >= 1'
@@ -78,7 +79,7 @@ class Range:
 
         Raises InputError (without naming the flag: argparse adds it) for anything else.
         """
-        if self.none and text.strip().lower() in ("inf", "infinity", "none", "all"):
+        if self.none and text.strip().lower() in self.none_words:
             return None
         try:
             value = self.kind(text)
@@ -86,7 +87,7 @@ class Range:
             kind = "an integer" if self.kind is int else "a number"
             raise InputError(f"expected {kind}, got {text!r}") from None
         if not self.contains(value):
-            raise InputError(f"must be {self.describe(none_word='inf')}, got {text}")
+            raise InputError(f"must be {self.describe(none_word=self.none_words[0])}, got {text}")
         return value
 
 
@@ -110,11 +111,11 @@ SIGMA = Range(float, 0)
 TARGET = Range(float, 0, 1, low_open=True, none="no target")
 THREADS = Range(int, 1)
 CHECKPOINT_EVERY = Range(int, 1)
-# Beyond FedAvg (lessons 8 and 9): FedProx, the server optimizers, DP-FedAvg.
-MU = Range(float, 0)
-SERVER_LR = Range(float, 0, low_open=True)
-SERVER_MOMENTUM = Range(float, 0, 1, high_open=True)
-SERVER_BETA2 = Range(float, 0, 1, high_open=True)
-SERVER_TAU = Range(float, 0, low_open=True)
-DP_CLIP = Range(float, 0, low_open=True, none="no clipping (no differential privacy)")
-DP_NOISE = Range(float, 0)
+# Beyond FedAvg (lessons 8 and 9): FedProx, the server optimizers, DP-FedAvg (fedlib.strategies).
+MU = Range(float, 0, symbol="mu")
+SERVER_LR = Range(float, 0, low_open=True, symbol="eta_g")
+SERVER_MOMENTUM = Range(float, 0, 1, high_open=True, symbol="beta")
+SERVER_BETA = Range(float, 0, 1, high_open=True)
+SERVER_TAU = Range(float, 0, low_open=True, symbol="tau")
+DP_CLIP = Range(float, 0, low_open=True, symbol="S")
+DP_NOISE = Range(float, 0, symbol="z")

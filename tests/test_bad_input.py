@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedlib.server
+import fedlib.runner
 from fedlib.cli import main
 from fedlib.files import atomic_write_text, remove_stale_temps
 from fedlib.params import InputError
-from fedlib.server import FedAvgConfig
-from tests.test_data import write_fake_mnist
+from fedlib.config import FedAvgConfig
+from tests.helpers import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--clients", "10", "--frac", "0.2", "--no-progress", "--device", "cpu"]
@@ -47,7 +47,7 @@ def no_training(monkeypatch):
     """Make any training fail the test: bad input must be refused before it starts."""
     def refuse(*args, **kwargs):
         raise AssertionError("training started although the input was bad")
-    monkeypatch.setattr(fedlib.server, "run_round", refuse)
+    monkeypatch.setattr(fedlib.runner, "rounds", refuse)
 
 
 def one_line_error(capsys, *fragments: str) -> str:
@@ -275,7 +275,7 @@ def test_the_flower_deployment_refuses_bad_flags_with_one_line(capsys, argv, fra
 def test_a_bug_keeps_its_traceback(fake_data, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("an internal mistake")
-    monkeypatch.setattr(fedlib.server, "run_round", broken)
+    monkeypatch.setattr(fedlib.runner, "rounds", broken)
     with pytest.raises(ValueError, match="an internal mistake"):
         main(["train", "--rounds", "1", *TINY])
 
@@ -399,4 +399,4 @@ def test_sigterm_saves_the_checkpoint_too(slow_data):
 
 def test_an_interrupted_run_without_checkpoint_says_nothing_was_saved(slow_data):
     code, err = interrupt(train_command(None, None, progress=True), signal.SIGINT)
-    assert code == 130 and "nothing was saved (--checkpoint FILE makes a run resumable)" in err, err
+    assert code == 130 and "nothing was saved (a checkpoint makes a run resumable: --checkpoint FILE" in err, err

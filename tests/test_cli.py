@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedlib.cli import main
-from tests.test_data import write_fake_mnist
+from tests.helpers import write_fake_mnist
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -26,7 +26,7 @@ psutil = pytest.importorskip("psutil")
 import fedlib  # noqa: E402
 from fedlib.flower.task import from_record, to_record  # noqa: E402
 from fedlib.params import InputError  # noqa: E402
-from fedlib.server import FedAvgConfig  # noqa: E402
+from fedlib.config import FedAvgConfig  # noqa: E402
 
 def processes_using(workdir: Path) -> list[str]:
     """Command lines of live processes whose FLWR_HOME lies in ``workdir`` (what a federation started)."""

@@ -4,7 +4,7 @@
 w_t once per client, draws the round's schedule (``fedlib.engine.schedule``) and runs
 the S steps of all clients together. :func:`train_models` is the loop itself, for any
 M models of one architecture, each with its own start weights and learning rate: the
-clients of one round, or of several runs at once (``fedlib.engine.sweep``).
+clients of one round, or of several runs at once (``fedlib.engine.lockstep``).
 
 A step is one forward and backward pass of the batched network
 (``fedlib.engine.batched``), then one update of all stacked weights with
@@ -24,7 +24,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
 from fedlib import params as P
-from fedlib.client import Weights, check_hyperparameters
+from fedlib.client import ClientResult, Weights, check_hyperparameters
 from fedlib.models import TwoNN
 
 from . import schedule as sched
@@ -55,6 +55,10 @@ class StackedResult:
     def client(self, i: int) -> Weights:
         """The weights of the i-th model."""
         return {name: w[i] for name, w in self.weights.items()}
+
+    def client_result(self, i: int) -> ClientResult:
+        """What the i-th model sends back, as ``local_update`` returns it."""
+        return ClientResult(self.client(i), int(self.num_examples[i]), float(self.train_loss[i]), int(self.steps[i]))
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,10 @@ def vectorized_unsupported_reason(model: nn.Module) -> str | None:
 
 def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                              client_indices: list[torch.Tensor], generators: list[torch.Generator], *,
-                             epochs: int, batch_size: int | None, lr: float, weights: Weights | None = None,
+                             epochs: int, batch_size: int | None, lr: float,
+                             dropout_generators: list[torch.Generator], weights: Weights | None = None,
                              momentum: float = 0.0, weight_decay: float = 0.0, mu: float = 0.0,
                              corrections: list[Weights] | None = None,
-                             dropout_generators: list[torch.Generator] | None = None,
                              max_examples_per_step: int | None = None) -> StackedResult:
     """ClientUpdate for m clients at once; each client as :func:`fedlib.client.local_update`.
 
@@ -101,17 +105,17 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     in ``torch.optim.SGD``; mu: FedProx's proximal weight; corrections: SCAFFOLD's
     c - c_k, one per client (see ``local_update``). dropout_generators: one per client,
     seeded as the sequential engine seeds torch before client k
-    (``dropout_seed(seed, t, k)``), so that a dropout model draws the sequential
-    engine's masks; None draws every client's masks from torch's global generator.
+    (``fedlib.seeds.dropout_generator(seed, t, k)``), so that a dropout model draws the
+    sequential engine's masks.
     max_examples_per_step: clients x batch width per step (default by device, see
     ``MAX_EXAMPLES_PER_STEP``); more clients are run in groups.
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
     P.MU.check("mu", mu)
     m = len(client_indices)
-    if m == 0 or m != len(generators) or (dropout_generators is not None and len(dropout_generators) != m):
-        raise ValueError(f"client_indices, generators (and dropout_generators) must hold one entry per client "
-                         f"(>= 1), got {m} and {len(generators)}")
+    if m == 0 or m != len(generators) or len(dropout_generators) != m:
+        raise ValueError(f"client_indices, generators and dropout_generators must hold one entry per client "
+                         f"(>= 1), got {m}, {len(generators)} and {len(dropout_generators)}")
     reason = vectorized_unsupported_reason(model)
     if reason:
         raise ValueError(f"model cannot run vectorized: {reason}")
@@ -120,9 +124,6 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     start = {name: p.detach() for name, p in model.named_parameters()}
     stacked = {name: w.unsqueeze(0).expand(m, *w.shape) for name, w in start.items()}
     correction = {name: torch.stack([c[name] for c in corrections]) for name in start} if corrections else None
-    if dropout_generators is None:
-        seed = int(torch.randint(0, 2**62, (), generator=None))   # from the global generator, as before
-        dropout_generators = [torch.Generator().manual_seed(seed + i) for i in range(m)]
     return train_models(model, x, y, stacked, torch.full((m,), float(lr), dtype=x.dtype), client_indices,
                         generators, dropout_generators, LocalSGD(epochs, batch_size, momentum, weight_decay, mu),
                         correction, max_examples_per_step, uniform_lr=float(lr))
