@@ -11,6 +11,9 @@ client, into the training set. The same ``seed`` always gives the same split.
   Wang et al. 2020, and NIID-Bench, Li et al. 2022; not Hsu et al. 2019's per-client
   draw); small alpha is very skewed, large alpha near IID; client sizes come out unequal.
 - :func:`unbalanced`: IID labels but client sizes n_k drawn from a lognormal.
+- ``natural`` (:func:`make_partition` only): the dataset's own clients, for a dataset that
+  has them (``Dataset.clients``: Shakespeare's speaking roles). The paper's IID version of
+  that task is :func:`iid` over its sequences with as many clients.
 """
 
 from __future__ import annotations
@@ -143,6 +146,20 @@ def unbalanced(n: int, num_clients: int, sigma: float = 1.0, min_size: int = 10,
     return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
 
 
+def natural(clients: Partition | None, num_clients: int, n: int) -> Partition:
+    """The dataset's own clients as a partition, checked: K of them, indices into the n examples."""
+    if clients is None:
+        raise InputError("partition 'natural' needs a dataset with its own clients (Dataset.clients, e.g. "
+                         "shakespeare); this one has none: use 'iid', 'shards', 'dirichlet' or 'unbalanced'")
+    if num_clients != len(clients):
+        raise InputError(f"num_clients (K) must be the dataset's number of clients ({len(clients)}) for "
+                         f"partition 'natural', got {num_clients}")
+    parts = [np.asarray(part, dtype=np.int64) for part in clients]
+    if any(len(p) and (p.min() < 0 or p.max() >= n) for p in parts):
+        raise InputError(f"the dataset's clients must index its {n} training examples")
+    return parts
+
+
 def class_counts(partition: Partition, labels, num_classes: int | None = None) -> np.ndarray:
     """A (K, num_classes) matrix: how many examples of each class each client holds."""
     y = _as_numpy(labels)
@@ -151,18 +168,27 @@ def class_counts(partition: Partition, labels, num_classes: int | None = None) -
     return np.stack([np.bincount(y[idx], minlength=num_classes) for idx in partition])
 
 
-PARTITIONS = ("iid", "shards", "dirichlet", "unbalanced")
+PARTITIONS = ("iid", "shards", "dirichlet", "unbalanced", "natural")
 
 
 def make_partition(name: str, labels, num_clients: int, seed: int = 0, *, shards_per_client: int = 2,
                    shard_size: int | None = None, alpha: float = 0.5, min_size: int = 10,
-                   sigma: float = 1.0) -> Partition:
+                   sigma: float = 1.0, clients: Partition | None = None) -> Partition:
     """Build a partition by name (the lookup the command line and ``run`` use).
 
     For ``shards``, ``shard_size=None`` means n / (num_clients * shards_per_client),
     which is the paper's 300 for MNIST with 100 clients and 2 shards each.
+    ``natural`` returns ``clients``, the dataset's own partition (``Dataset.clients``);
+    num_clients must be their number. ``shards`` and ``dirichlet`` split by a label per
+    example, so they refuse labels with more than one per example (Shakespeare's
+    sequences have a target character at every position).
     """
     y = _as_numpy(labels)
+    if name == "natural":
+        return natural(clients, num_clients, len(y))
+    if name in ("shards", "dirichlet") and y.ndim > 1:
+        raise InputError(f"partition {name!r} splits by each example's label, and these examples have "
+                         f"{y.shape[1:]} labels each: use 'iid', 'unbalanced' or 'natural'")
     if name == "iid":
         return iid(len(y), num_clients, seed)
     if name == "shards":
