@@ -117,6 +117,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
+    fedlib.set_threads()                     # 1, or FEDLIB_THREADS
     engines = args.engines.split(",")
     settings = [Setting(size, int(e), 10) for size in args.sizes.split(",") for e in args.epochs.split(",")]
     if args.fedsgd:

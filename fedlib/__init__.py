@@ -3,8 +3,9 @@
 One module per concept:
 
 - ``fedlib.data``: MNIST, Fashion-MNIST, CIFAR-10 as whole tensors on the device
+- ``fedlib.shakespeare``: the paper's Shakespeare task, one client per speaking role
 - ``fedlib.partition``: IID, pathological non-IID shards, Dirichlet, unbalanced splits
-- ``fedlib.models``: the paper's 2NN and CNN, and the reproduction's small models
+- ``fedlib.models``: the paper's 2NN, CNN and character LSTM, and the reproduction's small models
 - ``fedlib.client``: ClientUpdate, one client's E epochs of minibatch SGD
 - ``fedlib.server``: the FedAvg round and the training loop ``run``
 - ``fedlib.config``: ``FedAvgConfig``, every knob of a run with its default and range

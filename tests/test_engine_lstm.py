@@ -36,7 +36,7 @@ from fedlib.engine import BatchedModel, LocalSGD, batch_schedule, program_for, s
     vectorized_local_updates
 from fedlib.engine.batched import BatchedLSTMLayer
 from fedlib.engine.graphs import GraphedSteps
-from fedlib.engine.local import StepTrainer, stage
+from fedlib.engine.local import StepTrainer, examples_per_input, stage
 from fedlib.models import CharLSTM, build_model
 
 from tests.test_shakespeare import synthetic
@@ -296,6 +296,40 @@ def test_the_step_loss_is_the_mean_over_real_characters(data):
     assert (data.y_train[r.clients[0]] == IGNORE_INDEX).any()             # the case has padding to leave out
 
 
+def test_sequences_count_as_several_examples_when_clients_are_grouped(data):
+    """A sequence of 80 counts as 7 examples of MAX_EXAMPLES_PER_STEP (its activation memory);
+    clients trained in groups get the weights of clients trained at once."""
+    assert examples_per_input(data.x_train) == 7 and examples_per_input(torch.zeros(3, 1, 28, 28)) == 1
+    r = Round(data, "small-B7-E2", torch.float64)
+
+    def train(max_examples_per_step):
+        result = vectorized_local_updates(r.model, data.x_train, data.y_train, r.clients, r.shuffles(),
+                                          weights=r.w_t, max_examples_per_step=max_examples_per_step,
+                                          **r.settings)
+        return [result.client(i) for i in range(len(r.clients))]
+    assert_same_float64(r, train(2 * 7 * 7), train(None))                  # groups of 2 clients, then all 4
+
+
 def test_auto_trains_lstms_one_client_at_a_time_on_the_cpu():
     assert "LSTM" in sequential_is_faster(build_model("lstm-small", 98))
     assert sequential_is_faster(build_model("2nn")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lstm_rounds_equal_local_update(data, monkeypatch):
+    """On a GPU: the batched LSTM replayed from a CUDA graph (the third round of a shape) and
+    run eagerly, against local_update with cuDNN's LSTM, in float64 with the bound above."""
+    from fedlib.engine import graphs
+    gpu = data.to("cuda")
+    r = Round(gpu, "small-B7-E2", torch.float64)
+    r.model.to("cuda")
+    r.w_t = {k: v.to("cuda") for k, v in r.w_t.items()}
+    r.clients = [c.to("cuda") for c in r.clients]
+    seq = r.sequential()
+    graphs.clear()
+    for enabled, rounds in (("0", 1), ("1", 3)):
+        monkeypatch.setenv("FEDLIB_CUDA_GRAPHS", enabled)
+        for _ in range(rounds):
+            vec = r.vectorized()
+        assert_same_float64(r, vec, seq)
+    assert graphs._cache, "no graph was captured"

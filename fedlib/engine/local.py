@@ -130,6 +130,14 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         correction, max_examples_per_step, uniform_lr=float(lr))
 
 
+def examples_per_input(x: torch.Tensor) -> int:
+    """How many images' worth of activation memory one input of x holds in a training step:
+    1 for an image; for a sequence of T character ids, ceil(T / 12) (7 for T = 80). The paper
+    LSTM's batched step holds about 3.5 MB per sequence of 80 (its state at every position
+    and the backward pass's temporaries, measured on the CPU), the CNN's about 0.5 MB per image."""
+    return 1 if x.is_floating_point() else -(-x.shape[1] // 12)
+
+
 def train_models(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weights, lr: torch.Tensor,
                  client_indices: list[torch.Tensor], generators: list[torch.Generator],
                  dropout_generators: list[torch.Generator], sgd: LocalSGD, correction: Weights | None = None,
@@ -141,12 +149,13 @@ def train_models(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weig
     one per model (its examples, shuffle stream and dropout stream); correction:
     name -> (M, *shape), SCAFFOLD's c - c_k, or None. uniform_lr: the one rate of
     every model, if they share one (a faster update on the CPU). Models beyond
-    ``max_examples_per_step`` are trained in groups, one group after another.
+    ``max_examples_per_step`` (a sequence counting as :func:`examples_per_input` examples)
+    are trained in groups, one group after another.
     """
     if max_examples_per_step is None:
         max_examples_per_step = MAX_EXAMPLES_PER_STEP.get(x.device.type, MAX_EXAMPLES_PER_STEP["cpu"])
     width = sched.batch_width([len(idx) for idx in client_indices], sgd.batch_size)
-    group = max(1, max_examples_per_step // width)
+    group = max(1, max_examples_per_step // (width * examples_per_input(x)))
     parts = []
     for s in range(0, len(client_indices), group):
         part = slice(s, s + group)
