@@ -18,12 +18,14 @@ name           architecture                                       parameters
 =============  =================================================  ===========
 
 The LSTMs' counts are for Shakespeare's 98 symbols (``fedlib.shakespeare.VOCAB``); with V
-symbols the paper's LSTM has 265 V + 798,720 parameters. The paper counts 866,578: the
-only whole-number solution among the usual LSTM layouts is a TensorFlow-style cell (one
-bias per gate, where PyTorch has two) with peephole connections, and V = 258 (256 byte
-values and two special symbols, perhaps); with V = 258 this model would have 867,090, 512
-more: PyTorch's second bias (+2,048) without the peepholes (-1,536). That is our inference
-from the count; the paper does not state its vocabulary.
+symbols the paper's LSTM has 8 V + 798,720 + 257 V = 265 V + 798,720 parameters. The paper
+counts 866,578. Solving for V over the layouts we tried (one bias per gate as in TensorFlow's
+cell, or two as in PyTorch's; with or without peephole connections; with or without the
+softmax layer's bias; input and output vocabularies equal or within 6 of each other), the
+only whole-number solution is one bias per gate, peepholes, a softmax bias and V = 258
+(256 byte values and two special symbols, perhaps). With V = 258 this model has 867,090
+parameters, 512 more: PyTorch's second bias (+2,048) without the peepholes (-1,536). That is
+an inference from the count; the paper does not state its vocabulary.
 
 Every model starts from PyTorch's default initialisation; :func:`initialize` redraws
 the weights of its linear and convolutional layers the way TensorFlow programs of

