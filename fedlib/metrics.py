@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedlib.data import IGNORE_INDEX
 from fedlib.files import atomic_write_text
 from fedlib.params import InputError
 from fedlib.version import __version__
@@ -29,17 +30,22 @@ from fedlib.version import __version__
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
     """Accuracy and mean cross-entropy loss of ``model`` on (x, y), in large batches.
 
-    x: (N, C, H, W); y: (N,). No autograd, dropout off (``model.eval()``).
+    x: (N, C, H, W); y: (N,). Sequences: x (N, T) character ids, y (N, T) the next
+    characters; then both are per character, over every target but ``IGNORE_INDEX``
+    (padding), not per sequence. No autograd, dropout off (``model.eval()``).
     """
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    counted = torch.zeros((), dtype=torch.int64, device=y.device)
     total_loss = torch.zeros((), device=y.device)
     for start in range(0, len(y), batch_size):
         logits = model(x[start:start + batch_size])
         target = y[start:start + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum")
-        correct += (logits.argmax(1) == target).sum()
-    return correct.item() / len(y), total_loss.item() / len(y)
+        real = target != IGNORE_INDEX
+        total_loss += F.cross_entropy(logits, target, reduction="sum")      # skips IGNORE_INDEX itself
+        correct += ((logits.argmax(1) == target) & real).sum()
+        counted += real.sum()
+    return correct.item() / counted.item(), total_loss.item() / counted.item()
 
 
 @dataclass

@@ -11,6 +11,9 @@ client, into the training set. The same ``seed`` always gives the same split.
   Wang et al. 2020, and NIID-Bench, Li et al. 2022; not Hsu et al. 2019's per-client
   draw); small alpha is very skewed, large alpha near IID; client sizes come out unequal.
 - :func:`unbalanced`: IID labels but client sizes n_k drawn from a lognormal.
+- ``natural`` (:func:`make_partition` only): the dataset's own clients, for a dataset that
+  has them (``Dataset.clients``: Shakespeare's speaking roles). The paper's IID version of
+  that task is :func:`iid` over its sequences with as many clients.
 """
 
 from __future__ import annotations
@@ -47,19 +50,32 @@ def iid(n: int, num_clients: int, seed: int = 0) -> Partition:
     return [part.astype(np.int64) for part in np.array_split(order, num_clients)]
 
 
-def shards(labels, num_clients: int, shards_per_client: int = 2, shard_size: int = 300,
+def default_shard_size(n: int, num_clients: int, shards_per_client: int) -> int:
+    """n / (K * shards_per_client), rounded down: the paper's 300 for MNIST's 60,000 examples, K = 100 and
+    2 shards each, so that the K clients' shards cover the whole training set."""
+    P.NUM_CLIENTS.check("num_clients", num_clients)
+    P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
+    if num_clients * shards_per_client > n:
+        raise InputError(f"num_clients * shards_per_client must be <= the number of examples ({n}), "
+                         f"got {num_clients} * {shards_per_client}")
+    return n // (num_clients * shards_per_client)
+
+
+def shards(labels, num_clients: int, shards_per_client: int = 2, shard_size: int | None = None,
            seed: int = 0) -> Partition:
     """The paper's pathological non-IID split.
 
     Sort the examples by label, cut them into ``num_clients * shards_per_client``
-    shards of ``shard_size`` consecutive examples, and deal each client
-    ``shards_per_client`` shards at random. With the defaults on MNIST
+    shards of ``shard_size`` consecutive examples (None: :func:`default_shard_size`), and deal
+    each client ``shards_per_client`` shards at random. With the defaults on MNIST
     (100 x 2 shards of 300) most clients hold examples of only two digits.
     """
     y = _as_numpy(labels)
     _check_clients(num_clients, len(y))
     P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
-    P.Range(int, 1).check("shard_size", shard_size)
+    if shard_size is None:
+        shard_size = default_shard_size(len(y), num_clients, shards_per_client)
+    P.SHARD_SIZE.check("shard_size", shard_size)
     num_shards = num_clients * shards_per_client
     if num_shards * shard_size > len(y):
         raise InputError(
@@ -143,6 +159,20 @@ def unbalanced(n: int, num_clients: int, sigma: float = 1.0, min_size: int = 10,
     return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
 
 
+def natural(clients: Partition | None, num_clients: int, n: int) -> Partition:
+    """The dataset's own clients as a partition, checked: K of them, indices into the n examples."""
+    if clients is None:
+        raise InputError("partition 'natural' needs a dataset with its own clients (Dataset.clients, e.g. "
+                         "shakespeare); this one has none: use 'iid', 'shards', 'dirichlet' or 'unbalanced'")
+    if num_clients != len(clients):
+        raise InputError(f"num_clients (K) must be the dataset's number of clients ({len(clients)}) for "
+                         f"partition 'natural', got {num_clients}")
+    parts = [np.asarray(part, dtype=np.int64) for part in clients]
+    if any(len(p) and (p.min() < 0 or p.max() >= n) for p in parts):
+        raise InputError(f"the dataset's clients must index its {n} training examples")
+    return parts
+
+
 def class_counts(partition: Partition, labels, num_classes: int | None = None) -> np.ndarray:
     """A (K, num_classes) matrix: how many examples of each class each client holds."""
     y = _as_numpy(labels)
@@ -151,28 +181,29 @@ def class_counts(partition: Partition, labels, num_classes: int | None = None) -
     return np.stack([np.bincount(y[idx], minlength=num_classes) for idx in partition])
 
 
-PARTITIONS = ("iid", "shards", "dirichlet", "unbalanced")
+PARTITIONS = ("iid", "shards", "dirichlet", "unbalanced", "natural")
 
 
 def make_partition(name: str, labels, num_clients: int, seed: int = 0, *, shards_per_client: int = 2,
                    shard_size: int | None = None, alpha: float = 0.5, min_size: int = 10,
-                   sigma: float = 1.0) -> Partition:
+                   sigma: float = 1.0, clients: Partition | None = None) -> Partition:
     """Build a partition by name (the lookup the command line and ``run`` use).
 
-    For ``shards``, ``shard_size=None`` means n / (num_clients * shards_per_client),
-    which is the paper's 300 for MNIST with 100 clients and 2 shards each.
+    For ``shards``, ``shard_size=None`` means :func:`default_shard_size`, as in :func:`shards`.
+    ``natural`` returns ``clients``, the dataset's own partition (``Dataset.clients``);
+    num_clients must be their number. ``shards`` and ``dirichlet`` split by a label per
+    example, so they refuse labels with more than one per example (Shakespeare's
+    sequences have a target character at every position).
     """
     y = _as_numpy(labels)
+    if name == "natural":
+        return natural(clients, num_clients, len(y))
+    if name in ("shards", "dirichlet") and y.ndim > 1:
+        raise InputError(f"partition {name!r} splits by each example's label, and these examples have "
+                         f"{y.shape[1:]} labels each: use 'iid', 'unbalanced' or 'natural'")
     if name == "iid":
         return iid(len(y), num_clients, seed)
     if name == "shards":
-        if shard_size is None:
-            P.NUM_CLIENTS.check("num_clients", num_clients)
-            P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
-            if num_clients * shards_per_client > len(y):
-                raise InputError(f"num_clients * shards_per_client must be <= the number of examples "
-                                 f"({len(y)}), got {num_clients} * {shards_per_client}")
-            shard_size = len(y) // (num_clients * shards_per_client)
         return shards(y, num_clients, shards_per_client, shard_size, seed)
     if name == "dirichlet":
         return dirichlet(y, num_clients, alpha, min_size, seed)

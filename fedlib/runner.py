@@ -80,16 +80,18 @@ class Job:
             data = load_dataset(config.dataset, scaling=config.input_scaling, device="cpu")
         if not isinstance(data, Dataset):
             raise TypeError(f"data must be a fedlib.Dataset (or None), got {type(data).__name__}")
-        if data.scaling != config.input_scaling:
+        if data.x_train.is_floating_point() and data.scaling != config.input_scaling:
             raise InputError(f"the data is scaled {data.scaling!r} but input_scaling is {config.input_scaling!r}")
         self.data = data.to(self.device)
+        x = self.data.x_train                          # the model trains in the images' dtype (ids: float32)
+        self.dtype = x.dtype if x.is_floating_point() else torch.float32
         try:
-            self.model = initial_model(config, self.data.num_classes, self.data.input_shape, self.device,
-                                       self.data.x_train.dtype)
+            self.model = initial_model(config, self.data.num_classes, self.data.input_shape, self.device, self.dtype)
         except ValueError as error:
             raise InputError(f"model {config.model!r} does not fit dataset {config.dataset!r}: {error}") from None
         self.w_0 = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
-        self.clients = [torch.as_tensor(idx, device=self.device) for idx in config.split(self.data.y_train)]
+        self.clients = [torch.as_tensor(idx, device=self.device)
+                        for idx in config.split(self.data.y_train, self.data.clients)]        # the P_k
         self.strategy = strategies.build(config, self.w_0)
         if backend is None:
             self.engine = resolve_engine(config.engine, self.model)
@@ -185,7 +187,7 @@ class Tracker:
     def result(self) -> History:
         """The History, with the final global model attached (``history.model``)."""
         model = initial_model(self.config, self.job.data.num_classes, self.job.data.input_shape, self.job.device,
-                              self.job.data.x_train.dtype)
+                              self.job.dtype)
         model.load_state_dict(self.w_t)
         self.history.model = model
         return self.history

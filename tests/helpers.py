@@ -85,3 +85,16 @@ def run_round(model: nn.Module, w_t: dict, data: Dataset, client_indices: list, 
     w_next = strategy.aggregate(w_t, updates, t)
     loss = weighted_mean([u.train_loss for u in updates.values()], [u.num_examples for u in updates.values()])
     return w_next, loss
+
+
+def synthetic(num_clients: int = 12, seed: int = 0) -> Dataset:
+    """A Shakespeare-like dataset: roles of random words, of very unequal length (1 to ~40
+    sequences each), through ``fedlib.shakespeare.dataset``."""
+    from fedlib import shakespeare as S
+
+    rng = np.random.default_rng(seed)
+    words = ["thou", "art", "the", "king", "and", "I", "am", "thy", "fool", "farewell,", "sir.", "O!"]
+    roles = [S.Role("synthetic", f"ROLE {k}", tuple(" ".join(rng.choice(words, rng.integers(2, 9)))
+                                                   for _ in range(int(rng.integers(2, 400)))))
+             for k in range(num_clients)]
+    return S.dataset(roles, device="cpu")

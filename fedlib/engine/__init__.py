@@ -67,6 +67,9 @@ CPU_VECTORIZED_MAX_MODEL_BYTES = 4 * 2**20
 def sequential_is_faster(model: nn.Module) -> str | None:
     """Why ``auto`` should pick the sequential engine for ``model`` on its device, or None."""
     device = next(model.parameters()).device
+    if device.type == "cpu" and any(isinstance(m, nn.LSTM) for m in model.modules()):
+        return ("on the CPU an LSTM trains faster one client at a time: nn.LSTM's fused oneDNN kernel beats "
+                "the batched layers written out position by position (see benchmarks/README.md)")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cpu" and size > CPU_VECTORIZED_MAX_MODEL_BYTES:
         return (f"on the CPU a model of {size / 2**20:.1f} MB trains faster one client at a time "
