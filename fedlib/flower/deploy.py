@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlib import params as P
+from fedlib.config import FedAvgConfig
+from fedlib.flower.task import to_record
 from fedlib.metrics import History
 from fedlib.params import InputError
 
@@ -59,7 +61,7 @@ APP_PYPROJECT = Path(__file__).with_name("pyproject.toml")
 CONNECTION = "fedlib-local"
 LOG_LEVELS = ("all", "summary", "none")
 # Flower log lines that say what a round did (for --log summary), and our own per-round line.
-SUMMARY_LINE = re.compile(r"\[ROUND \d+/|configure_train|aggregate_train|Received error|^round \d+:")
+SUMMARY_LINE = re.compile(r"^round \d+:")
 
 
 TOML_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -279,7 +281,7 @@ class LocalFederation:
             line = _strip_ansi(line.rstrip())
             log.append(line)
             self.say(line, flower=True)
-            if stop_in_round is not None and not stopped and f"[ROUND {stop_in_round}/" in line:
+            if stop_in_round is not None and not stopped and line.startswith(f"round {stop_in_round}: S_t"):
                 self.stop("supernode-0")
                 stopped.append(0)
                 self.say(f"# stopped SuperNode 0 (partition 0) while round {stop_in_round} runs")
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="K of the partition; SuperNode k holds partition k (default: --supernodes)")
     parser.add_argument("--rounds", type=flag_type(P.ROUNDS), default=2)
     parser.add_argument("--frac", type=flag_type(P.FRAC), default=1.0,
-                        help="C: fraction of the connected SuperNodes per round")
+                        help="C: the fraction of the K clients in each round (a client without a SuperNode "
+                             "sends no update)")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--partition", choices=PARTITIONS, default="iid")
     parser.add_argument("--model", choices=tuple(MODELS), default="2nn")
@@ -374,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up on SIGTERM like on Ctrl-C
-    run_config = {"rounds": args.rounds, "frac": args.frac, "dataset": args.dataset, "partition": args.partition,
-                  "model": args.model, "local-epochs": args.local_epochs,
-                  "batch-size": "inf" if args.batch_size is None else args.batch_size, "lr": args.lr,
-                  "seed": args.seed}
+    run_config = to_record(FedAvgConfig(rounds=args.rounds, frac=args.frac, dataset=args.dataset,
+                                        partition=args.partition, model=args.model, local_epochs=args.local_epochs,
+                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                        num_clients=num_clients, device="cpu").validate())
     began = time.perf_counter()
     try:
         with LocalFederation(args.supernodes, num_clients, log=args.log) as federation:
