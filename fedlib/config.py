@@ -94,7 +94,7 @@ class FedAvgConfig:
     strategy: str = knob("fedavg", "the method: " + ", ".join(STRATEGIES) + " (see fedlib.strategies)",
                          choices=tuple(STRATEGIES))
     mu: float | None = knob(None, "mu, FedProx's proximal weight (Li et al. 2020)", method_range(P.MU), group="method")
-    server_lr: float | None = knob(None, "eta_g, the server's learning rate (fedavgm, fedadam, fedyogi)",
+    server_lr: float | None = knob(None, "eta_g, the server's learning rate (fedavgm, fedadam, fedyogi, dp-fedavg)",
                                    method_range(P.SERVER_LR), group="method")
     server_momentum: float | None = knob(None, "beta, FedAvgM's server momentum (Hsu et al. 2019)",
                                          method_range(P.SERVER_MOMENTUM), group="method")

@@ -76,8 +76,8 @@ def clip(delta: Weights, clip_norm: float) -> Weights:
 
 
 def dp_aggregate(w_t: Weights, client_weights: Sequence[Weights], clip_norm: float, noise_multiplier: float,
-                 expected_clients: float, noise: Noise) -> Weights:
-    """w_{t+1} = w_t + (sum of the clipped updates + N(0, (z S)^2)) / (q K).
+                 expected_clients: float, noise: Noise, server_lr: float = 1.0) -> Weights:
+    """w_{t+1} = w_t + eta_g (sum of the clipped updates + N(0, (z S)^2)) / (q K).
 
     client_weights: the w_k of this round's clients (possibly none); expected_clients: q K;
     noise: where the standard normal samples come from (drawn on the CPU, so every device adds
@@ -88,7 +88,8 @@ def dp_aggregate(w_t: Weights, client_weights: Sequence[Weights], clip_norm: flo
         for name, d in clip({name: w_k[name] - w_t[name] for name in w_t}, clip_norm).items():
             total[name] += d
     std = noise_multiplier * clip_norm
-    return {name: w_t[name] + (total[name] + (std * noise(tuple(w.shape))).to(device=w.device, dtype=w.dtype))
+    return {name: w_t[name] + server_lr * (total[name] + (std * noise(tuple(w.shape))).to(device=w.device,
+                                                                                             dtype=w.dtype))
             / expected_clients for name, w in w_t.items()}
 
 

@@ -336,9 +336,13 @@ class DPFedAvg(FedAvg):
 
     Each client takes part independently with probability q = C (S_t may be empty); its update
     Delta_k = w_k - w_t is clipped to L2 norm S; Gaussian noise of standard deviation z S is
-    added to the sum, which is divided by the expected number of clients q K::
+    added to the sum, which is divided by the expected number of clients q K, and the server
+    steps with its learning rate eta_g (1 by default)::
 
-        w_{t+1} = w_t + (sum_{k in S_t} clip(Delta_k, S) + N(0, z^2 S^2 I)) / (q K)
+        w_{t+1} = w_t + eta_g (sum_{k in S_t} clip(Delta_k, S) + N(0, z^2 S^2 I)) / (q K)
+
+    (eta_g scales a step that is already private, so it costs no privacy; with clipping, which
+    shortens the updates, it can give the server back the length of step FedAvg would take.)
 
     The sample and the noise come from the operating system's entropy and are never saved
     (``fedlib.privacy``): nothing in a run's files regenerates them. ``dp_reproducible=True``
@@ -347,14 +351,16 @@ class DPFedAvg(FedAvg):
     """
 
     name = "dp-fedavg"
-    knobs = ("dp_clip", "dp_noise", "dp_reproducible")
+    knobs = ("dp_clip", "dp_noise", "dp_reproducible", "server_lr")
 
     def __init__(self, w_0: Weights, num_clients: int, seed: int = 0, frac: float = 0.1, dp_clip: float = 1.0,
-                 dp_noise: float = 1.0, dp_reproducible: bool = False):
+                 dp_noise: float = 1.0, dp_reproducible: bool = False, server_lr: float = 1.0):
         super().__init__(w_0, num_clients, seed)
         P.DP_CLIP.check("dp_clip", dp_clip)
         P.DP_NOISE.check("dp_noise", dp_noise)
+        P.SERVER_LR.check("server_lr", server_lr)
         self.q, self.clip_norm, self.z, self.reproducible = frac, dp_clip, dp_noise, dp_reproducible
+        self.eta_g = server_lr
 
     @classmethod
     def config_args(cls, config) -> dict:
@@ -373,7 +379,7 @@ class DPFedAvg(FedAvg):
     def aggregate(self, w_t: Weights, updates: Updates, t: int) -> Weights:
         noise = privacy.seeded_normal(noise_generator(self.seed, t)) if self.reproducible else privacy.secret_normal
         return privacy.dp_aggregate(w_t, [u.weights for u in updates.values()], self.clip_norm, self.z,
-                                    self.q * self.num_clients, noise)
+                                    self.q * self.num_clients, noise, self.eta_g)
 
 
 def _change(w_t: Weights, w_avg: Weights) -> Weights:

@@ -162,8 +162,9 @@ class Reference:
                 total[name] += factor * delta[name]
         g = noise_generator(c.seed, t)
         noise = {name: torch.randn(v.shape, generator=g, dtype=torch.float64) for name, v in self.x.items()}
-        return {name: self.x[name] + (total[name] + c.dp_noise * c.dp_clip * noise[name]) / (c.frac * c.num_clients)
-                for name in self.x}
+        eta_g = c.server_lr if c.server_lr is not None else 1.0
+        return {name: self.x[name] + eta_g * (total[name] + c.dp_noise * c.dp_clip * noise[name])
+                / (c.frac * c.num_clients) for name in self.x}
 
     def train(self) -> dict:
         for t in range(1, self.c.rounds + 1):
@@ -179,7 +180,7 @@ METHODS = {
     "fedavgm": dict(strategy="fedavgm", server_lr=1.0, server_momentum=0.9),
     "fedadam": dict(strategy="fedadam", server_lr=0.01),
     "fedyogi": dict(strategy="fedyogi", server_lr=0.01, server_beta1=0.5, server_tau=1e-2),
-    "dp-fedavg": dict(strategy="dp-fedavg", dp_clip=0.5, dp_noise=0.3, dp_reproducible=True),
+    "dp-fedavg": dict(strategy="dp-fedavg", dp_clip=0.5, dp_noise=0.3, dp_reproducible=True, server_lr=2.0),
 }
 
 
@@ -396,7 +397,7 @@ def test_epsilon_uses_the_accountants_default_orders_not_integers_only():
 @pytest.mark.parametrize("overrides, message", [
     (dict(dp_noise=1.0), "dp_noise is a parameter of dp-fedavg, not of strategy 'fedavg'"),
     (dict(mu=0.1, strategy="scaffold"), "mu is a parameter of fedprox"),
-    (dict(server_lr=0.5), "server_lr is a parameter of fedavgm and fedadam and fedyogi"),
+    (dict(server_lr=0.5), "server_lr is a parameter of fedavgm and fedadam and fedyogi and dp-fedavg"),
     (dict(strategy="dp-fedavg", frac=0.0), "dp-fedavg needs frac"),
     (dict(strategy="scaffold", momentum=0.9), "scaffold .* needs momentum = 0 and weight_decay = 0"),
     (dict(strategy="scaffold", weight_decay=1e-4), "scaffold .* needs momentum = 0"),
