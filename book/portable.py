@@ -4,7 +4,7 @@ The lessons (``notebooks/NN_*.ipynb``) are written in MyST Markdown for the book
 ``{glue:text}`` pastes a number the lesson computed, ``{term}`` links the glossary, ``{cite}``
 cites the bibliography, ``:::{admonition}`` folds a solution away. Only the book's build
 (Sphinx with MyST-NB) understands them; Jupyter, Colab and VS Code show them as raw text.
-This script writes ``notebooks/colab/NN_*.ipynb`` from each lesson, with
+This script writes ``portable/NN_*.ipynb`` from each lesson, with
 
 - every ``{glue:text}`` / ``{glue}`` replaced by the text the site prints for it (MyST-NB's
   own formatting of the stored ``text/plain``, format specs such as ``:.1%`` included);
@@ -45,7 +45,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-PORTABLE = NOTEBOOKS / "colab"            # where the copies live; the launch buttons and badges open them
+# The copies live in portable/, a sibling of notebooks/ (the launch buttons and the README's badges
+# open them there): at the same depth, so that a lesson's relative paths (../results/...) mean the
+# same in its copy, run in JupyterLab or under nbval from a clone.
+PORTABLE_FOLDER = "portable"
+PORTABLE = ROOT / PORTABLE_FOLDER
 COLAB = "https://colab.research.google.com"
 GLUE_PREFIX = "application/papermill.record/"
 
@@ -98,14 +102,22 @@ def github_parts(url: str) -> tuple[str, str]:
 
 
 def portable_path(source: Path) -> Path:
-    """notebooks/NN_name.ipynb -> notebooks/colab/NN_name.ipynb."""
-    return PORTABLE / source.name
+    """notebooks/NN_name.ipynb -> portable/NN_name.ipynb."""
+    return source.parent.parent / PORTABLE_FOLDER / source.name
+
+
+def relative(path: Path) -> str:
+    """A path as the messages and the copies name it: from the repository root."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.name
 
 
 def colab_url(source: Path, root: Path = ROOT) -> str:
     """The address that opens the portable copy of ``source`` in Colab (badges, launch buttons)."""
     org, repo = github_parts(repository_url(root))
-    rel = portable_path(source).relative_to(NOTEBOOKS.parent).as_posix()
+    rel = portable_path(source).relative_to(source.parent.parent).as_posix()
     return f"{COLAB}/github/{org}/{repo}/blob/{repository_branch(root)}/{rel}"
 
 
@@ -321,10 +333,6 @@ class Context:
     doc: Path                      # the source notebook (or page)
     glue: dict[str, dict]
     where: str
-
-    @property
-    def docname(self) -> str:
-        return self.doc.relative_to(ROOT).with_suffix("").as_posix()
 
 
 def _explicit(content: str) -> tuple[str | None, str]:
@@ -582,8 +590,8 @@ EXERCISE = re.compile(r"^#{2,4}\s+Exercise\s+(\d+)", flags=re.M)
 
 
 def header_note(source: Path) -> str:
-    rel = source.relative_to(ROOT).as_posix()
-    page = f"{site_url()}{source.relative_to(ROOT).with_suffix('.html').as_posix()}"
+    rel = relative(source)
+    page = f"{site_url()}{rel.removesuffix('.ipynb')}.html"
     return (f"*This is the portable copy of `{rel}` for Colab, JupyterLab and VS Code, written by "
             f"`book/portable.py`: edit the lesson, not this copy. The same lesson on the book's site: "
             f"[{page}]({page}).*")
@@ -592,7 +600,7 @@ def header_note(source: Path) -> str:
 def portable_notebook(source: Path) -> nbformat.NotebookNode:
     """The portable copy of one lesson (see the module's docstring)."""
     nb = nbformat.read(source, as_version=4)
-    where = source.relative_to(ROOT).as_posix()
+    where = relative(source)
     ctx = Context(doc=source, glue=glue_data(nb, where), where=where)
     out = copy.deepcopy(nb)
     exercise, first_code, first_markdown = None, True, True
@@ -628,7 +636,7 @@ def stale(root: Path = ROOT) -> list[Path]:
     out_of_date = [portable_path(p) for p in lessons(root)
                    if not portable_path(p).exists() or portable_path(p).read_text() != render(portable_notebook(p))]
     readme = root / "README.md"
-    if readme_with_badges(readme.read_text(), root) != readme.read_text():
+    if readme.exists() and readme_with_badges(readme.read_text(), root) != readme.read_text():
         out_of_date.append(readme)
     return out_of_date
 
@@ -636,20 +644,19 @@ def stale(root: Path = ROOT) -> list[Path]:
 def write_all(root: Path = ROOT) -> list[Path]:
     """Write every portable copy that changed (and remove copies whose lesson is gone), and
     point README.md's Colab badges at them."""
-    PORTABLE.mkdir(exist_ok=True)
     written = []
     for source in lessons(root):
         target, text = portable_path(source), render(portable_notebook(source))
+        target.parent.mkdir(exist_ok=True)
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
             written.append(target)
     readme = root / "README.md"
-    text = readme_with_badges(readme.read_text(), root)
-    if text != readme.read_text():
-        readme.write_text(text)
+    if readme.exists() and readme_with_badges(readme.read_text(), root) != readme.read_text():
+        readme.write_text(readme_with_badges(readme.read_text(), root))
         written.append(readme)
     names = {p.name for p in lessons(root)}
-    for orphan in sorted(PORTABLE.glob("*.ipynb")):
+    for orphan in sorted((root / PORTABLE_FOLDER).glob("*.ipynb")):
         if orphan.name not in names:
             orphan.unlink()
             written.append(orphan)
@@ -672,20 +679,24 @@ def readme_with_badges(text: str, root: Path = ROOT) -> str:
     return BADGE.sub(replace, text)
 
 
+def main_check(root: Path = ROOT) -> int:
+    """``--check``: 1 (naming them) if any copy or badge is missing or out of date, else 0."""
+    out_of_date = stale(root)
+    for path in out_of_date:
+        print(f"{relative(path)} is missing or out of date: run make portable", file=sys.stderr)
+    return 1 if out_of_date else 0
+
+
 def main(argv: list[str]) -> int:
     try:
         if "--check" in argv:
-            out_of_date = stale()
-            for path in out_of_date:
-                print(f"{path.relative_to(ROOT)} is missing or out of date: run make portable",
-                      file=sys.stderr)
-            return 1 if out_of_date else 0
+            return main_check()
         written = write_all()
     except PortableError as error:
         print(f"portable: {error}", file=sys.stderr)
         return 1
     print(f"portable: {len(lessons())} lessons, {len(written)} copies written to "
-          f"{PORTABLE.relative_to(ROOT)}/" + "".join(f"\n  {p.name}" for p in written))
+          f"{relative(PORTABLE)}/" + "".join(f"\n  {relative(p)}" for p in written))
     return 0
 
 

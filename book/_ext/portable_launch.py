@@ -5,7 +5,7 @@ page's own path, so they would open ``notebooks/NN_name.ipynb``, whose MyST mark
 {term}, :::{admonition}) Colab and Jupyter show as raw text. The theme has no setting for
 another folder, so this rewrites the links after the theme made them (html-page-context,
 priority 502, after the theme's 501) to the copy that ``book/portable.py`` writes,
-``notebooks/colab/NN_name.ipynb`` (the address comes from ``portable.colab_url``, which the
+``portable/NN_name.ipynb`` (the address comes from ``portable.colab_url``, which the
 README's badges are checked against too). A lesson without a portable copy fails the build.
 """
 
