@@ -264,9 +264,10 @@ def _emphasise_et_al(authors: str) -> str:
     return authors.replace(" et al.", " *et al.*")
 
 
-def citation(kind: str, content: str, where: str) -> str:
+def citation(kind: str, content: str, where: str, markdown: bool = True) -> str:
     """``{cite:p}`` -> (Author et al., 2017; Other, 2019), ``{cite:t}`` -> Author et al. (2017),
-    each linked to its entry on the site's bibliography, in the bibliography's order."""
+    each linked to its entry on the site's bibliography, in the bibliography's order (the text
+    the site prints, book/_ext/citation_style.py; ``markdown=False``: that text, unlinked)."""
     refs = bibliography()
     keys = [k.strip() for k in content.split(",") if k.strip()]
     missing = [k for k in keys if k not in refs]
@@ -274,12 +275,33 @@ def citation(kind: str, content: str, where: str) -> str:
         raise PortableError(f"{where}: {{{kind}}}`{content}`: not in references.bib: {missing}")
     page = site_url() + "book/bibliography.html"
     cited = sorted((refs[k] for k in keys), key=lambda r: r.order)
+
+    def link(text: str, ref: Reference) -> str:
+        return f"[{text}]({page}#{cite_anchor(ref.key)})" if markdown else text
+
+    def authors(ref: Reference) -> str:
+        return _emphasise_et_al(ref.authors) if markdown else ref.authors
+
     if kind in ("cite", "cite:p"):
-        return "(" + "; ".join(f"[{_emphasise_et_al(r.authors)}, {r.year}]({page}#{cite_anchor(r.key)})"
-                               for r in cited) + ")"
+        return "(" + "; ".join(link(f"{authors(r)}, {r.year}", r) for r in cited) + ")"
     if kind == "cite:t":
-        return "; ".join(f"{_emphasise_et_al(r.authors)} ([{r.year}]({page}#{cite_anchor(r.key)}))" for r in cited)
+        return "; ".join(f"{authors(r)} ({link(r.year, r)})" for r in cited)
     raise PortableError(f"{where}: the citation role {{{kind}}} is not converted (use cite:p or cite:t)")
+
+
+ROLE = re.compile(r"\{(?P<role>[A-Za-z0-9:_+-]+)\}`(?P<content>[^`]*)`")
+
+
+def printed_glue(markdown: str, doc: Path, glue: dict[str, dict], where: str) -> list[str]:
+    """The text the site prints for each glue role of a page's Markdown, in order."""
+    return [glue_text(m.group("role"), m.group("content"), glue, doc, where) for m in ROLE.finditer(markdown)
+            if m.group("role") in ("glue:text", "glue", "glue:any")]
+
+
+def printed_citations(markdown: str, where: str) -> list[str]:
+    """The text the site prints for each citation of a page's Markdown, in order."""
+    return [citation(m.group("role"), m.group("content"), where, markdown=False) for m in ROLE.finditer(markdown)
+            if m.group("role").startswith("cite")]
 
 
 def toc_docs(root: Path = ROOT) -> list[str]:
