@@ -19,6 +19,7 @@ same markup and pasted-number checks in ``test_book_in_browser``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -34,6 +35,8 @@ import pytest
 import yaml
 from playwright.sync_api import Page, sync_playwright
 
+from tests.test_portable import portable   # book/portable.py, the generator of the portable lessons
+
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
@@ -46,18 +49,6 @@ OPTIONAL_EXTERNAL = ("https://cdn.jsdelivr.net/npm/mathjax@",)
 COLAB = "https://colab.research.google.com"
 
 
-def _load_portable():
-    """book/portable.py as a module (the generator of the portable lessons)."""
-    if "portable" in sys.modules:
-        return sys.modules["portable"]
-    spec = importlib.util.spec_from_file_location("portable", ROOT / "book" / "portable.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["portable"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-portable = _load_portable()
 # What must never be visible: MyST markup that only the book's build understands.
 MYST_MARKUP = ("{glue", "{term}", "{cite}", "{cite:", ":::", "{admonition}", "{ref}", "{doc}", "{numref}", "{math}")
 
@@ -151,6 +142,24 @@ def test_check_outputs_names_lessons_without_outputs(tmp_path, capsys):
     assert "01_ran" not in err
 
 
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """Serve a folder on a free port of 127.0.0.1 (quietly); yield its address."""
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def site() -> Iterator[str]:
     """Build the book as `make book` does, and serve it on a free port of 127.0.0.1."""
@@ -163,20 +172,8 @@ def site() -> Iterator[str]:
                             "-W", "-n", "--keep-going", "--all"],
                            cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"the book does not build:\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}"
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=HTML))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve(HTML) as url:
+        yield url
 
 
 def check_images(page: Page, where: str) -> tuple[int, list[str]]:
@@ -321,20 +318,8 @@ def portable_site() -> Iterator[str]:
             cell["outputs"] = [o for o in cell.get("outputs", []) if "scrapbook" not in o.get("metadata", {})]
         body, _ = exporter.from_notebook_node(nb)
         (out / f"{source.stem}.html").write_text(body)
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=out))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve(out) as url:
+        yield url
 
 
 def test_portable_lessons_in_browser(portable_site: str):
