@@ -246,12 +246,12 @@ def test_the_time_at_the_top_is_the_last_measurement(path):
     """The **Time:** line is written by notebooks/execute.py from notebooks/timings.json."""
     execute = load_execute_script()
     first = read(path).cells[0].source
-    assert execute.time_line(path.stem, execute.load_timings()) in first.splitlines()
+    assert execute.time_line(path, execute.load_timings()) in first.splitlines()
 
 
 def test_the_setup_page_shows_the_measured_times():
     execute = load_execute_script()
-    table = execute.times_table(execute.load_timings(), [p.stem for p in LESSONS])
+    table = execute.times_table(execute.load_timings(), LESSONS)
     assert table in (ROOT / "book" / "setup.md").read_text()
 
 
