@@ -14,7 +14,7 @@ the one named is refused, so nothing is silently ignored.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,7 @@ def knob(default: Any, help: str, range: P.Range | None = None, choices: tuple |
 
 def method_range(allowed: P.Range) -> P.Range:
     """A method knob's range, with None for the method's own default."""
-    return P.Range(allowed.kind, allowed.low, allowed.high, allowed.low_open, allowed.high_open,
-                   none=METHOD_DEFAULT, symbol=allowed.symbol, none_words=("default",))
+    return replace(allowed, none=METHOD_DEFAULT, none_words=("default",))
 
 
 @dataclass
@@ -113,15 +112,24 @@ class FedAvgConfig:
                                         "guarantee (the seed is saved with the run)", group="method")
 
     def validate(self) -> "FedAvgConfig":
-        """Raise InputError (a ValueError) naming the first parameter outside its allowed range."""
+        """Raise InputError (a ValueError) naming the first parameter outside its allowed range.
+
+        A number of another type that is in range (numpy's ints and floats, a Fraction, numpy's
+        bool for a flag) is accepted and replaced here by the plain int, float or bool it equals,
+        so that the run's saved files hold plain values that read back as this configuration."""
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            if isinstance(f.default, bool) and not isinstance(value, bool):
-                raise InputError(f"{f.name} must be True or False, got {value!r}")
-            if meta["choices"] is not None and (not isinstance(value, str) or value not in meta["choices"]):
-                raise InputError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
-            if meta["range"] is not None:
-                meta["range"].check(f.name, value)
+            if isinstance(f.default, bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise InputError(f"{f.name} must be True or False, got {P.shown(value)}")
+                value = bool(value)
+            elif meta["choices"] is not None:
+                if not isinstance(value, str) or value not in meta["choices"]:
+                    raise InputError(f"{f.name} must be one of {meta['choices']}, got {P.shown(value)}")
+                value = str(value)
+            elif meta["range"] is not None:
+                value = meta["range"].convert(f.name, value)
+            setattr(self, f.name, value)
         if self.stop_at_target and self.target is None:
             raise InputError("stop_at_target needs a target accuracy (target, --target), got none")
         method = STRATEGIES[self.strategy]

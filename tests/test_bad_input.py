@@ -282,10 +282,10 @@ def test_a_bug_keeps_its_traceback(fake_data, monkeypatch):
 
 def test_a_run_that_diverges_before_its_first_evaluation_ends_cleanly(fake_data, capsys):
     """--eval-every 5 and a learning rate that diverges at once: the run stops in round 1,
-    evaluates the model it stopped with, and summarises it (this used to crash)."""
+    evaluates the model it stopped with, and says that it diverged (exit status 3; this used to crash)."""
     with pytest.warns(UserWarning, match="diverged in round 1"):
-        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 0
-    assert "after 1 rounds" in capsys.readouterr().out
+        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 3
+    assert "training DIVERGED in round 1" in capsys.readouterr().out
 
 
 # --- files are written whole, with the usual mode, through links, without leftovers --------------
