@@ -13,6 +13,7 @@ is checked when the run starts, so a path that cannot be written is refused befo
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,7 +60,9 @@ class Checkpoint:
             return None
         fix = "delete it or pass another checkpoint path"
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():              # torch's notes on what it checks: our message says it
+                warnings.simplefilter("ignore")
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:                       # whatever the file holds, it is not ours
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint that can be read safely "
