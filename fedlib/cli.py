@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fedlib import params as P
 from fedlib.checkpoint import CHECKPOINT_EVERY
-from fedlib.config import FedAvgConfig
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import DatasetNotFoundError
 from fedlib.files import check_folder, check_output
 from fedlib.metrics import History, rounds_to_target
@@ -318,7 +318,7 @@ def load_history(path: str) -> History:
     configuration (a FedAvgConfig of a run)."""
     history = History.load(path)
     try:
-        FedAvgConfig.from_dict(history.config).validate()
+        saved_config(history.config)
     except InputError as error:
         raise InputError(f"not a fedlib history file: {path} (its config: {error})") from None
     return history
@@ -328,11 +328,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, terminate=_interrupt) -> int:
     """Entry point; returns the exit status (module docstring: 0 done, 1 the environment failed,
-    2 bad input, 3 the training diverged, 130 interrupted)."""
+    2 bad input, 3 the training diverged, 130 interrupted). terminate: SIGTERM's handler while it
+    runs, one that raises KeyboardInterrupt (``fedlib.__main__`` passes one that also ignores every
+    signal after the first)."""
     command = "fedlib"
-    previous = signal.signal(signal.SIGTERM, _interrupt)     # stop like Ctrl-C: save, then exit 130
+    previous = signal.signal(signal.SIGTERM, terminate)      # stop like Ctrl-C: save, then exit 130
     try:
         try:
             args = build_parser().parse_args(argv)

@@ -171,6 +171,23 @@ class FedAvgConfig:
 
 FIELD_DEFAULTS = {f.name: f.default for f in fields(FedAvgConfig)}
 RECORDED = {"engine_used"}          # what a run adds to its saved config
+# The fields every saved configuration has held since the first FedAvgConfig: one missing is not a
+# run's configuration (fields added later take their defaults, which are what runs did before them).
+ALWAYS_SAVED = ("dataset", "model", "partition", "num_clients", "frac", "local_epochs", "batch_size", "lr", "rounds",
+                "seed", "eval_every", "device", "engine", "momentum", "weight_decay", "shards_per_client",
+                "shard_size", "alpha", "min_size", "sigma", "target", "stop_at_target")
+
+
+def saved_config(data: object) -> FedAvgConfig:
+    """The configuration saved with a run (a History's, a reproduction result's), checked whole: a
+    mapping that names every field of ALWAYS_SAVED (and no unknown one) and is valid; InputError
+    says what is wrong."""
+    if not isinstance(data, dict):
+        raise InputError(f"a run's config must be a mapping of its parameters, got {type(data).__name__}")
+    missing = [name for name in ALWAYS_SAVED if name not in data]
+    if missing:
+        raise InputError(f"a run's config names all its parameters, and this one lacks {missing}")
+    return FedAvgConfig.from_dict(data).validate()
 
 
 # Before methods were strategies (fedlib <= 0.1 files): flags, and the knob defaults that meant FedAvg.

@@ -176,7 +176,7 @@ def check_history(data: object) -> dict[str, Any]:
 
     config: a run's configuration, a mapping of parameter names to plain values (text, numbers,
     True/False, None), its num_clients K an integer >= 1 if given (the readers above this floor check it
-    whole: ``FedAvgConfig.from_dict(config).validate()``); versions: names to version strings;
+    whole: ``fedlib.config.saved_config``); versions: names to version strings;
     device: a string; records: one per round, rounds 1, 2, ... in order, each with exactly
     RoundRecord's fields: clients distinct indices in [0, K) in increasing order, test_accuracy
     None or in [0, 1], test_loss None where the round was not evaluated, train_loss and test_loss

@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 from tqdm.auto import tqdm
 
 from fedlib.client import local_steps
-from fedlib.config import FedAvgConfig
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import Dataset, load_dataset
 from fedlib.engine.lockstep import batch_key, refusal
 from fedlib import params as P
@@ -512,7 +512,7 @@ def check_result(data: object) -> dict:
         raise InputError(f"missing or wrong: {', '.join(wrong + unknown)}")
     history = History.from_dict(data["history"])
     try:
-        config = FedAvgConfig.from_dict(history.config).validate()
+        config = saved_config(history.config)
     except InputError as error:
         raise InputError(f"its history's config: {error}") from None
     checks = [

@@ -60,8 +60,9 @@ def sample_clients(num_clients: int, frac: float, rng: np.random.Generator) -> n
 
 def check_weights(weights_list: Sequence[Weights]) -> None:
     """Raise TypeError/InputError unless ``weights_list`` holds state dicts that can be averaged:
-    each a mapping of the same names to floating-point tensors of the same shape, dtype and
-    device as the first client's (nothing is broadcast: a mismatch is a mistake, not a shape)."""
+    each a mapping of the same names to dense floating-point tensors (with data: no meta tensor) of
+    the same shape, dtype and device as the first client's (nothing is broadcast: a mismatch is a
+    mistake, not a shape)."""
     if isinstance(weights_list, (dict, torch.Tensor)) or not isinstance(weights_list, Sequence):
         raise TypeError(f"weights_list must be a list of state dicts (one per client), got {type(weights_list).__name__}")
     if len(weights_list) == 0:
@@ -75,9 +76,9 @@ def check_weights(weights_list: Sequence[Weights]) -> None:
                              f"{sorted(map(str, set(first) - set(w_k)))}, extra {sorted(map(str, set(w_k) - set(first)))}")
         for name, w in w_k.items():
             ref = first[name]
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-                raise TypeError(f"weights_list[{i}][{name!r}] must be a floating-point tensor, got "
-                                f"{getattr(w, 'dtype', type(w).__name__)}")
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.layout != torch.strided or w.is_meta:
+                raise TypeError(f"weights_list[{i}][{name!r}] must be a dense floating-point tensor, got "
+                                f"{_described(w)}")
             if w.shape != ref.shape or w.dtype != ref.dtype or w.device != ref.device:
                 raise InputError(f"weights_list[{i}][{name!r}] must have weights_list[0]'s shape, dtype and device "
                                  f"{tuple(ref.shape)}, {ref.dtype}, {ref.device}; got {tuple(w.shape)}, {w.dtype}, {w.device}")

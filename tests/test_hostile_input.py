@@ -3,7 +3,7 @@ tables. Each case either exits with status 2 and one line naming what is wrong (
 training, writing nothing), or is accepted and does the right thing; never a traceback, never a
 silent wrong result, never a hang.
 
-The classes: values in range that overflow float32; integers that overflow C; splits with empty
+The fixtures fake_data and no_training are in conftest.py. The classes: values in range that overflow float32; integers that overflow C; splits with empty
 or duplicated clients; a model and data that do not fit; output names that cannot be written (and
 a full disk after the training); tampered checkpoints; history and result files; plot text;
 silent loss (empty names, an output over its input, NaN in JSON, a diverged result reported as a
@@ -37,46 +37,20 @@ from fedlib import reproduce as R
 from fedlib.cli import main
 from fedlib.client import local_update
 from fedlib.config import FedAvgConfig
-from fedlib.files import WriteError, check_output, json_depth
+from fedlib.files import check_output, json_depth
 from fedlib.metrics import History, rounds_to_target
 from fedlib.params import InputError
 from fedlib.strategies import fedavg, sample_clients
-from tests.helpers import small_data, write_fake_mnist, write_idx
+from tests.helpers import one_line_error, write_fake_mnist, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--clients", "10", "--frac", "0.2", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture
-def fake_data(tmp_path, monkeypatch):
-    """A fake MNIST of 200 training images under FEDLIB_DATA; the working folder is tmp_path."""
-    write_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
-    monkeypatch.setenv("FEDLIB_DATA", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Make any training fail the test: bad input must be refused before it starts."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the input was bad")
-    monkeypatch.setattr(fedlib.runner, "rounds", refuse)
-
-
-def one_line(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def refused(capsys, argv: list[str], *fragments: str) -> str:
     """``fedlib argv`` exits 2 with one line holding every fragment."""
     assert main(argv) == 2
-    return one_line(capsys, *fragments)
+    return one_line_error(capsys, *fragments)
 
 
 def train(*flags: str) -> list[str]:
@@ -266,7 +240,7 @@ def test_a_full_disk_after_training_says_where_the_run_is_kept_and_the_rerun_wri
     armed = fail_writes_of(monkeypatch, "run.json")
     command = train("--rounds", "2", "--checkpoint", "run.ckpt", "--out", "run.json")
     assert main(command) == 1
-    one_line(capsys, "cannot write run.json: No space left on device", "the run is kept in run.ckpt",
+    one_line_error(capsys, "cannot write run.json: No space left on device", "the run is kept in run.ckpt",
              "run the same command again")
     assert not (fake_data / "run.json").exists() and (fake_data / "run.ckpt").exists()
     assert not list(fake_data.glob(".*.tmp"))
@@ -279,13 +253,13 @@ def test_a_full_disk_after_training_says_where_the_run_is_kept_and_the_rerun_wri
 def test_a_full_disk_without_a_checkpoint_says_nothing_was_kept(fake_data, monkeypatch, capsys):
     fail_writes_of(monkeypatch, "run.json")
     assert main(train("--rounds", "1", "--out", "run.json")) == 1
-    one_line(capsys, "No space left on device", "the run was not kept (--checkpoint FILE keeps a run")
+    one_line_error(capsys, "No space left on device", "the run was not kept (--checkpoint FILE keeps a run")
 
 
 def test_a_full_disk_while_checkpointing_stops_with_one_line(fake_data, monkeypatch, capsys):
     fail_writes_of(monkeypatch, "run.ckpt")
     assert main(train("--rounds", "2", "--checkpoint", "run.ckpt", "--checkpoint-every", "1")) == 1
-    one_line(capsys, "/run.ckpt: No space left on device", "the training stopped", "run.ckpt holds the run as it was")
+    one_line_error(capsys, "/run.ckpt: No space left on device", "the training stopped", "run.ckpt holds the run as it was")
 
 
 def test_a_full_disk_while_plotting_exits_1_and_keeps_the_old_figure(fake_data, monkeypatch, capsys):
@@ -294,7 +268,7 @@ def test_a_full_disk_while_plotting_exits_1_and_keeps_the_old_figure(fake_data, 
     capsys.readouterr()
     fail_writes_of(monkeypatch, "curve.png")
     assert main(["plot", "run.json", "--out", "curve.png"]) == 1
-    one_line(capsys, "cannot write curve.png: No space left on device")
+    one_line_error(capsys, "cannot write curve.png: No space left on device")
     assert (fake_data / "curve.png").read_bytes() == b"old"
 
 
@@ -628,7 +602,7 @@ def test_the_flower_launcher_refuses_a_run_that_cannot_work_before_starting_anyt
 
     monkeypatch.setattr(deploy, "LocalFederation", None)         # starting a federation would fail the test
     assert deploy.main(argv) == 2
-    one_line(capsys, fragment)
+    one_line_error(capsys, fragment)
 
 
 def test_the_flower_launcher_says_where_a_missing_dataset_goes(fake_data, capsys, monkeypatch):
@@ -674,7 +648,9 @@ API_CASES = [
      "weights_list[0] must be a state dict"),
     ("fedavg-one-dict", lambda: fedavg(tiny_weights(3), [1]), TypeError, "weights_list must be a list of state dicts"),
     ("fedavg-int-tensor", lambda: fedavg([{"w": torch.ones(3, dtype=torch.int64)}], [1]), TypeError,
-     "must be a floating-point tensor"),
+     "must be a dense floating-point tensor"),
+    ("fedavg-sparse", lambda: fedavg([{"w": torch.ones(3).to_sparse()}] * 2, [1, 1]), TypeError, "must be a dense"),
+    ("fedavg-meta", lambda: fedavg([{"w": torch.empty(3, device="meta")}], [1]), TypeError, "on meta"),
     ("fedavg-n-text", lambda: fedavg([tiny_weights(3)], "1"), TypeError, "num_examples must be a list"),
     ("local-update-empty", lambda: local_update(fedlib.build_model("2nn"), torch.zeros(0, 1, 28, 28),
                                                 torch.zeros(0, dtype=torch.int64), epochs=1, batch_size=10, lr=0.1),
