@@ -539,14 +539,15 @@ def test_a_round_too_large_for_the_memory_is_refused_before_it_starts(fake_data,
             "more than 80% of the 1.0 GiB available there; lower frac (C) or num_clients (K)")
 
 
-def test_the_estimate_of_the_issues_round_matches_what_it_took():
+def test_the_estimate_of_the_issues_round_covers_what_it_took():
     """K = 4000, C = 1, B = infinity on MNIST grew to 7.3 GiB (issue 22): 4000 models of 199,210
-    float32 parameters, twice (the updates and their concatenation) are 5.9 GiB."""
+    float32 parameters, twice (the updates and their concatenation), are 5.9 GiB, and the process was
+    measured to grow up to 1.55 times such counts; the estimate covers it without crying wolf."""
     from fedlib.backends import round_bytes
 
     config = FedAvgConfig(num_clients=4000, frac=1.0, batch_size=None)
     need = round_bytes("vectorized", fedlib.build_model("2nn"), torch.zeros(1, 1, 28, 28), [15] * 4000, config)
-    assert 5.9 * 2**30 < need < 7.3 * 2**30 * 1.5
+    assert 7.3 * 2**30 < need < 7.3 * 2**30 * 1.5
 
 
 def test_scaffolds_control_variates_count_for_every_client():
@@ -555,7 +556,8 @@ def test_scaffolds_control_variates_count_for_every_client():
     config = FedAvgConfig(num_clients=1000, frac=0.01)
     model, x = fedlib.build_model("2nn"), torch.zeros(1, 1, 28, 28)
     alone = round_bytes("sequential", model, x, [60] * 1000, config)
-    assert round_bytes("sequential", model, x, [60] * 1000, config, state_copies=1001) - alone == 1001 * 199210 * 4
+    with_state = round_bytes("sequential", model, x, [60] * 1000, config, state_copies=1001)
+    assert with_state - alone == pytest.approx(1.6 * 1001 * 199210 * 4, abs=1)
 
 
 # --- 12. Ctrl-C at any moment ----------------------------------------------------------------------
