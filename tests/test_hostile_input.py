@@ -607,6 +607,34 @@ def test_the_flower_launcher_refuses_a_run_that_cannot_work_before_starting_anyt
     one_line_error(capsys, fragment)
 
 
+def test_the_flower_launcher_exits_1_with_the_cause_when_no_client_sent_an_update(fake_data, capsys, monkeypatch):
+    """Every client failed in every round (the issue: exit 0): one line with the cause, exit 1."""
+    pytest.importorskip("flwr")
+    from fedlib.flower import deploy
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def run(self, run_config, **kwargs):
+            records = [fedlib.RoundRecord(t, [], 0.1, 2.3, math.nan, 0.1, 0) for t in (1, 2)]
+            return deploy.DeployResult(History(run_config, records), [], 1.0, 2.0)
+
+        def cause(self, log):
+            return "ValueError: a client's data could not be read"
+
+    monkeypatch.setattr(deploy, "LocalFederation", Failing)
+    assert deploy.main(["--rounds", "2"]) == 1
+    assert capsys.readouterr().err.strip() == ("python -m fedlib.flower.deploy: no client sent an update in any of the "
+                                               "2 rounds (ValueError: a client's data could not be read)")
+
+
 def test_the_flower_launcher_says_where_a_missing_dataset_goes(fake_data, capsys, monkeypatch):
     pytest.importorskip("flwr")
     from fedlib.flower import deploy

@@ -238,9 +238,34 @@ class LocalFederation:
             process.wait()
 
     def close(self) -> None:
-        """Stop every process group, then remove the working folder."""
+        """Stop every process group, then the processes Flower started in sessions of their own (the
+        SuperExec's ``flwr-serverapp``, found by the FLWR_HOME they inherited), then remove the
+        working folder."""
         self.stop(*self.processes)
+        deadline = time.monotonic() + self.grace
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.stragglers():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            while self.stragglers() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            deadline = time.monotonic() + 2
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def stragglers(self) -> list[int]:
+        """Live processes (not zombies) whose FLWR_HOME is this federation's (Linux: read from /proc)."""
+        home = ("FLWR_HOME=" + self.env["FLWR_HOME"]).encode()
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if home in (entry / "environ").read_bytes().split(b"\0") and \
+                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
 
     def __enter__(self) -> "LocalFederation":
         try:
@@ -290,17 +315,17 @@ class LocalFederation:
                 self.say(f"# stopped SuperNode 0 (partition 0) while round {stop_in_round} runs")
         process.wait()
         if not history_path.exists():
-            raise DeployFailed(f"the run ended without writing its history ({self.cause()}); the SuperLink's log "
-                               f"ends: {self.log_tail('superlink', 1) or 'empty'}")
+            raise DeployFailed(f"the run ended without writing its history: {self.cause(log)}")
         return DeployResult(History.load(history_path), log, self.startup_seconds,
                             time.perf_counter() - began, stopped)
 
-    def cause(self) -> str:
-        """The last error line any process logged (with ports and paths as placeholders), or why not."""
+    def cause(self, log: list[str] = ()) -> str:
+        """The last error line of ``log`` (the run's streamed log) or, if none, of any process's log
+        (with ports and paths as placeholders), or why not."""
         found = ""
-        for key in self.processes:
-            for line in self.log_tail(key, 200).splitlines():
-                if re.search(r"(Error|Exception|error:)", line):
+        for lines in [line for key in self.processes for line in self.log_tail(key, 200).splitlines()], log:
+            for line in lines:
+                if re.search(r"(Error|Exception|error:)", line) and not line.lstrip().startswith("File "):
                     found = line.strip()
         for value, name in self.placeholders.items():
             found = found.replace(value, name)
@@ -419,16 +444,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with LocalFederation(args.supernodes, num_clients, log=args.log) as federation:
             result = federation.run(run_config, stop_in_round=args.stop_in_round, timeout=args.timeout)
-            silent = [r.round for r in result.history.records if not r.clients]
-            cause = federation.cause() if silent else ""
+            trained = any(r.clients for r in result.history.records)
+            cause = "" if trained else federation.cause(result.log)
     except KeyboardInterrupt:
         print("# interrupted: every process was stopped", file=sys.stderr)
         return 130
     except DeployFailed as error:
         print(f"python -m fedlib.flower.deploy: {error}", file=sys.stderr)
         return 1
-    if silent and not args.stop_in_round:
-        print(f"python -m fedlib.flower.deploy: no client sent an update in rounds {silent} ({cause})", file=sys.stderr)
+    if not trained and not args.stop_in_round:                # the run trained nothing: say why, exit 1
+        if cause == "no process logged an error" and num_clients > args.supernodes:
+            have = f"clients 0 to {args.supernodes - 1}" if args.supernodes > 1 else "client 0"
+            cause = f"only {have} of the K = {num_clients} have a SuperNode"
+        print(f"python -m fedlib.flower.deploy: no client sent an update in any of the {args.rounds} rounds "
+              f"({cause})", file=sys.stderr)
         return 1
     history = result.history
     print(f"# all processes stopped; the whole deployment took {time.perf_counter() - began:.1f} s", flush=True)
