@@ -81,8 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             shown = allowed.none_words[0] if default is None and allowed.none else default
             parser.add_argument(flag, dest=f.name, type=flag_type(allowed), default=default,
                                 metavar=allowed.symbol.upper() or None,
-                                help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])} "
-                                     f"(default {shown})")
+                                help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])}"
+                                     f"{allowed.limit_text()} (default {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,10 @@ class Range:
         except OverflowError:                  # an int too large for a float
             return value > 0
 
+    def limit_text(self) -> str:
+        """The representability limit in words, for help texts: ' (at most 1024: why)', or ''."""
+        return f" (at most {_BIG.get(self.high) or f'{self.high:g}'}: {self.limit})" if self.limit else ""
+
     def refusal(self, value: object, none_word: str = "None") -> str:
         """Why ``value`` is refused: 'must be <what is allowed>', or for a number beyond what the
         consumer can represent, 'must be at most <the limit> (<why>)'."""

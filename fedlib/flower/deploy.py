@@ -414,7 +414,7 @@ def preflight(config: FedAvgConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     from fedlib.cli import UsageError
     from fedlib.data import DatasetNotFoundError
-    from fedlib.files import check_output
+    from fedlib.files import WriteError, check_output
 
     try:
         args = build_parser().parse_args(argv)
@@ -464,8 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     for record in history.records:
         print(f"# round {record.round}: clients {record.clients}, test accuracy {record.test_accuracy:.4f}, "
               f"took {record.seconds:.1f} s", flush=True)
-    if args.out:
-        history.save(args.out)
+    if args.out is not None:
+        try:
+            history.save(args.out)
+        except WriteError as error:
+            print(f"python -m fedlib.flower.deploy: {error}; the run's rounds are printed above, its history "
+                  "is lost: free some space and run the same command again", file=sys.stderr)
+            return 1
     return 0
 
 
