@@ -140,8 +140,8 @@ def check_memory(jobs: Sequence[Job]) -> None:
         raise InputError(f"{runs}m = {m} clients a round (K = {c.num_clients}, C = {c.frac:g}) would need about "
                          f"{need / 2**30:.1f} GiB on the {jobs[0].device.type} ({m} models of "
                          f"{model_bytes(jobs[0].model) // 4:,} parameters, the training's batches and state), more "
-                         f"than {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available there; lower frac (C) or "
-                         "num_clients (K), or give B a finite batch_size")
+                         f"than {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available there; lower frac (C), "
+                         "num_clients (K), local_epochs (E) or batch_size (B)")
 
 
 def finished(history: History, config: FedAvgConfig) -> bool:
@@ -256,7 +256,9 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     run starts, the run resumes from it and gives the same History as an uninterrupted run.
     on_round: called with each round's record. clients: a backend of your own (Flower's, say)
     instead of the engine ``config.engine`` picks. A run whose training diverges stops in that
-    round with a warning. Random numbers come from ``fedlib.seeds``; the caller's random state is
+    round with a warning (``history.diverged``). Before any training, InputError refuses a split
+    that leaves a client without examples and a round that would need more memory than the device
+    has available (:func:`check_memory`); TypeError a config, data or on_round of the wrong kind. Random numbers come from ``fedlib.seeds``; the caller's random state is
     left alone.
     """
     if on_round is not None and not callable(on_round):

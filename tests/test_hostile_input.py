@@ -536,7 +536,7 @@ def test_a_round_too_large_for_the_memory_is_refused_before_it_starts(fake_data,
     monkeypatch.setattr(fedlib.runner, "available_memory", lambda device: 2**30)       # 1 GiB free
     refused(capsys, train("--clients", "200", "--frac", "1", "--batch-size", "inf", "--epochs", str(10**9)),
             "m = 200 clients a round (K = 200, C = 1) would need about", "GiB on the cpu",
-            "more than 80% of the 1.0 GiB available there; lower frac (C) or num_clients (K)")
+            "more than 80% of the 1.0 GiB available there; lower frac (C), num_clients (K)")
 
 
 def test_the_estimate_of_the_issues_round_covers_what_it_took():
