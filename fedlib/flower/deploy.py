@@ -17,8 +17,8 @@ Flower state (``FLWR_HOME``: its configuration, installed app bundles) lives in 
 temporary folder that is removed at the end, so nothing is left behind.
 
 ``--stop-in-round R`` stops SuperNode 0 (SIGTERM to its process group) as soon as
-round R has begun, while its clients train, to show what Flower does when a client
-goes away. ``--log summary`` prints only the lines that say what happened, with
+round R has begun, while its clients train, to show what happens to a round when a
+client goes away. ``--log summary`` prints only the lines that say what happened, with
 ports and paths replaced by placeholders, so that the output is the same from run
 to run except for the timings ("took ... s").
 
@@ -63,7 +63,8 @@ LOG_LEVELS = ("all", "summary", "none")
 # Seconds a deployed run may take: the SuperLink alone takes a few to start, and a day is far beyond
 # any run of this teaching setup (and within what Python's timeouts take: threading.TIMEOUT_MAX).
 TIMEOUT = P.Range(float, 1, 86400)
-# Flower log lines that say what a round did (for --log summary), and our own per-round line.
+# The lines --log summary keeps of the run's log: what each round did, printed by the ServerApp
+# (fedlib.flower.clients and server_app: "round t: S_t has ...", "round t: N updates came back ...").
 SUMMARY_LINE = re.compile(r"^round \d+:")
 
 
