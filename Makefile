@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test test-kernels setup lab book notebooks clean
+.PHONY: run test test-kernels setup lab book portable notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,16 +45,19 @@ run: book
 NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope \
 	--nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
+# The portable copies in portable/ are not run a second time: tests/test_portable.py proves
+# that they execute exactly as their lessons (same code cells but for the install cell's
+# non-Colab branch and the #@title comments, same outputs and tags).
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 	$(NBVAL) notebooks
 
-# The tests whose numbers depend on the CPU's kernels (the engines' equality, FedAvg's identities,
+# The tests whose numbers depend on the CPU's kernels (the engines' equality for the MLP, CNN and LSTM, FedAvg's identities,
 # the trained accuracies, every lesson under nbval), again with PyTorch, oneDNN and MKL switched to
 # other code paths: what another machine computes. CI runs it after make test.
 OTHER_KERNELS = ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
 test-kernels: $(VENV)/.installed-test
-	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_fedavg.py tests/test_training.py
+	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_engine_lstm.py tests/test_fedavg.py tests/test_training.py
 	$(OTHER_KERNELS) $(NBVAL) notebooks
 
 # JupyterLab on the lessons (installs the lab extra once).
@@ -69,12 +72,20 @@ lab: $(VENV)/.installed
 notebooks: $(VENV)/.installed-test
 	FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python notebooks/execute.py
 
+# The portable copy of every lesson, for Colab, JupyterLab and VS Code (portable/, which the
+# launch buttons and the README's badges open): the MyST markup converted, solutions collapsed,
+# the install cell built from _config.yml's repository.url. Commit what it writes.
+portable: $(VENV)/.installed-book
+	$(BIN)/python book/portable.py
+
 # The book (Jupyter Book 1.x, configured by _config.yml and _toc.yml): check that every lesson
-# is stored with its outputs (the build renders them, it never runs them), build the site with
+# is stored with its outputs (the build renders them, it never runs them), write the portable
+# copies (make portable), build the site with
 # warnings as errors (--all: every page re-read, so no warning hides in an unchanged page),
 # then print the path of the front page.
 book: $(VENV)/.installed-book
 	$(BIN)/python book/check_outputs.py
+	$(BIN)/python book/portable.py
 	$(BIN)/jupyter-book build . -W -n --keep-going --all --quiet
 	@echo "$(CURDIR)/_build/html/index.html"
 

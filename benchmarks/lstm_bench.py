@@ -37,7 +37,9 @@ import fedlib
 from fedlib import FedAvgConfig, build_model, evaluate
 from fedlib import shakespeare
 from fedlib.seeds import sampling_rng
-from fedlib.server import run_round, sample_clients
+from fedlib.backends import make_backend
+from fedlib.server import sample_clients
+from fedlib.strategies import build
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine_bench import load, machine, matmul_peak, synchronize  # noqa: E402  (benchmarks/engine_bench.py)
@@ -92,7 +94,9 @@ class Rounds:
         selected = self.selected(t) if selected is None else selected
         synchronize(self.device)
         began, cpu_began = time.perf_counter(), time.process_time()
-        run_round(self.model, self.w_0, self.data, self.client_indices, selected, self.config, t, self.engine)
+        backend = make_backend(self.engine, self.model, self.data, self.client_indices, self.config)
+        strategy = build(self.config, self.w_0)            # one round: ClientUpdate for S_t, then the average
+        strategy.aggregate(self.w_0, backend.update(self.w_0, selected, t, strategy), t)
         synchronize(self.device)
         return time.perf_counter() - began, time.process_time() - cpu_began, self.sequences(selected)
 

@@ -86,12 +86,14 @@ def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     assert ran["ours"] == "not reached in 2" and ran["ratio"] is None      # 2 rounds cannot reach 97%
     assert ran["etas"] == "1/3" and rows["2nn-iid-C0.2-E1-B10"]["etas"] == "0/3"
 
-    # A reached run at another rate is the best, and its ratio to the paper is reported.
+    # A reached run at another rate is the best, and its ratio to the paper is reported. (The file is
+    # made by hand, consistent: its lr is also its history's, and it reached the target within its rounds.)
     reached = json.loads((tmp_path / "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json").read_text())
-    reached |= {"lr": 0.2, "reached": True, "rounds_to_target": 43.5}
+    reached |= {"lr": 0.2, "reached": True, "rounds_to_target": 1.5}
+    reached["history"]["config"]["lr"] = 0.2
     (tmp_path / "2nn-iid-C0.1-E1-B10-lr0.2-seed0.json").write_text(json.dumps(reached))
     ran = {r["setting"]: r for r in R.comparison_rows("1", tmp_path)}["2nn-iid-C0.1-E1-B10"]
-    assert (ran["ours"], ran["lr"], ran["ratio"], ran["etas"]) == (43.5, 0.2, 0.5, "2/3")
+    assert (ran["ours"], ran["lr"], ran["ratio"], ran["etas"]) == (1.5, 0.2, 1.5 / 87, "2/3")
 
 
 def test_best_run_prefers_reached_then_unreached_then_diverged():
@@ -211,6 +213,36 @@ def test_reproduce_together_flag(tmp_path, monkeypatch, capsys):
         assert main(["reproduce", "--table", "1", "--only", "2nn-iid-C0.1-E1-B10", "--together", flag,
                      "--no-progress"]) == 0
     assert asked == [None, True, False]
+
+
+# --- one rule for "diverged" and one u, shared with fedlib.run --------------------------------------
+
+def test_a_result_is_diverged_by_the_runs_own_rule():
+    """reproduce's "diverged" is History.diverged: a round without clients (DP-FedAvg's sampling) is not
+    a divergence, a model whose weights became nan is (its test loss is nan), whatever its training loss."""
+    from fedlib.metrics import History, RoundRecord
+
+    setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
+
+    def saved(records, tmp):
+        history = History(config={}, records=records)
+        return R.save_result(setting, 0.1, 0, 2, history, tmp)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = saved([RoundRecord(1, [3], 0.5, 1.0, 2.0, 0.1, 10), RoundRecord(2, [], 0.5, 1.0, float("nan"), 0.1, 10)],
+                      tmp)
+        broken = saved([RoundRecord(1, [3], 0.1, float("nan"), 2.0, 0.1, 10)], tmp)
+    assert empty["diverged"] is False and broken["diverged"] is True
+
+
+def test_u_is_rounded_up_everywhere():
+    """u = E ceil(n_k / B): the last, smaller batch is a step too (local_update takes it)."""
+    import fedlib
+
+    assert fedlib.local_steps(600, 1, 7) == 86 and fedlib.local_steps(600, 5, 50) == 60
+    assert fedlib.local_steps(600, 2, None) == 2
+    setting = next(s for s in R.paper_settings("2") if s.batch_size == 50 and s.local_epochs == 1)
+    assert setting.updates_per_round == fedlib.local_steps(R.EXAMPLES_PER_CLIENT, 1, 50) == 12
 
 
 # --- Table 2's Shakespeare rows, and 2-reduced ----------------------------------------------------
