@@ -49,7 +49,9 @@ import fedlib
 from fedlib import Dataset, FedAvgConfig, build_model, evaluate, load_dataset
 from fedlib.data import data_root
 from fedlib.seeds import sampling_rng
-from fedlib.server import initial_model, run_round, sample_clients
+from fedlib.backends import make_backend
+from fedlib.server import initial_model, rounds, sample_clients
+from fedlib.strategies import build
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seed_code import seed_commit  # noqa: E402  (benchmarks/seed_code.py)
@@ -145,10 +147,12 @@ class FedlibRounds:
 
     def round(self) -> tuple[float, float]:
         config = replace(self.config, local_epochs=1) if self.t == 0 else self.config
+        backend = make_backend(self.engine, self.model, self.data, self.client_indices, config)
         synchronize(self.device)
         began, cpu_began = time.perf_counter(), time.process_time()
-        self.w_t, _ = run_round(self.model, self.w_t, self.data, self.client_indices, self.selected(self.t), config,
-                                self.t, self.engine)
+        t = self.t + 1                                    # one round of Algorithm 1 (fedlib.server.rounds)
+        self.w_t = next(rounds(self.w_t, backend, build(config, self.w_t), config.num_clients, config.frac, t,
+                               first=t)).weights
         synchronize(self.device)
         self.t += 1
         return time.perf_counter() - began, time.process_time() - cpu_began

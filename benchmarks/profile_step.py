@@ -22,7 +22,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import fedlib
 from fedlib import FedAvgConfig, load_dataset
-from fedlib.server import initial_model, run_round
+from fedlib.backends import make_backend
+from fedlib.server import initial_model, rounds
+from fedlib.strategies import build
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine_bench import load, machine  # noqa: E402
@@ -41,13 +43,13 @@ def main() -> None:
     config = FedAvgConfig(model=args.model, num_clients=args.clients, frac=1.0, local_epochs=1, batch_size=10,
                           lr=0.05, engine=args.engine, device="cpu").validate()
     clients = [torch.arange(args.examples * k, args.examples * (k + 1)) for k in range(args.clients)]
-    selected = torch.arange(args.clients).numpy()
     model = initial_model(config)
     w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = make_backend(args.engine, model, data, clients, config)
     steps = args.examples // 10
 
-    def one_round():
-        return run_round(model, w_t, data, clients, selected, config, 1, args.engine)
+    def one_round():                                      # round 1 of Algorithm 1, C = 1: every client
+        return next(rounds(w_t, backend, build(config, w_t), config.num_clients, config.frac, 1)).weights
     one_round()
     began = time.process_time()
     one_round()

@@ -5,7 +5,7 @@
 
 For every setting of the table (``fedlib.reproduce``), the runs the reproduction makes
 of it (its learning-rate grid, IID and non-IID, seed 0: 6 runs for Table 2's CNN) are
-trained together with ``fedlib.engine.sweep.run_many`` for ``--rounds`` rounds, and one
+trained together with ``fedlib.run_many`` (in lockstep) for ``--rounds`` rounds, and one
 of them alone with ``fedlib.run`` (vectorized engine), both evaluating every round as
 the reproduction does. Printed per setting: the seconds of a round of all runs
 together (median over the rounds after the first two, which include warm-up and, on a
@@ -32,8 +32,7 @@ import time
 import torch
 
 import fedlib
-from fedlib import FedAvgConfig, load_dataset, run
-from fedlib.engine.sweep import run_many
+from fedlib import FedAvgConfig, load_dataset, run, run_many
 from fedlib.reproduce import NUM_CLIENTS, select, settings_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,22 @@
 
 The flags of ``train`` are built from the fields of :class:`~fedlib.config.FedAvgConfig`
 (their help, defaults and ranges), so the command line accepts exactly what the library
-does. Bad flags, values or files exit with status 2 and one line saying what is wrong;
-a missing dataset exits with 1 and says where to put it; Ctrl-C (or SIGTERM) saves the
-run's checkpoint, if it has one, says how to resume and exits with 130. Anything else is
-a bug and shows its traceback.
+does. Every command ends with one of these exit statuses, and with one line on stderr for
+each but 0 and 3:
+
+- 0: done;
+- 1: the environment failed, not the input: a missing dataset (the line says where to put it),
+  or an output that could not be written after the training (a full disk: the line says where
+  the run was kept, its checkpoint, and how to write the output again);
+- 2: bad input: a flag, a value, a file given or found (a history, a result, a checkpoint, a
+  dataset), an output path, or a run too large for the memory; nothing was trained or written;
+- 3: ``train`` ran, but its training diverged (a loss or the model is not a finite number): the
+  summary line says so and that its accuracy means nothing, the history (if saved) says
+  ``"diverged": true`` with its non-finite losses as null;
+- 130: interrupted (Ctrl-C or SIGTERM, at any moment, imports included): the run's checkpoint,
+  if it has one, was saved, and the line says how to resume.
+
+Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +34,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from fedlib import params as P
-from fedlib.config import FedAvgConfig
+from fedlib.checkpoint import CHECKPOINT_EVERY
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import DatasetNotFoundError
 from fedlib.files import check_folder, check_output
 from fedlib.metrics import History, rounds_to_target
 from fedlib.params import InputError
-from fedlib.runtime import DEVICES
+from fedlib.runtime import DEVICES, signals_held
 
 
 class UsageError(Exception):
@@ -65,9 +78,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"{meta['help']} (default %(default)s)")
         else:
             allowed = meta["range"]
+            shown = allowed.none_words[0] if default is None and allowed.none else default
             parser.add_argument(flag, dest=f.name, type=flag_type(allowed), default=default,
                                 metavar=allowed.symbol.upper() or None,
-                                help=f"{meta['help']}; {allowed.describe(none_word='inf')} (default {default})")
+                                help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])}"
+                                     f"{allowed.limit_text()} (default {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="where to save the history (JSON)")
     train.add_argument("--checkpoint", default=None,
                        help="save the run to this file as it goes, and resume from it if it exists")
-    train.add_argument("--checkpoint-every", type=flag_type(P.CHECKPOINT_EVERY), default=10,
+    train.add_argument("--checkpoint-every", type=flag_type(P.CHECKPOINT_EVERY), default=CHECKPOINT_EVERY,
                        help="rounds between checkpoints (default %(default)s; also saved at the end and on Ctrl-C)")
     train.add_argument("--threads", type=flag_type(P.THREADS), default=None, help="CPU threads for torch")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="draw a horizontal line at this accuracy")
     plot.add_argument("--title", default="Test accuracy per round")
 
+    from fedlib.reproduce import TABLES
+
     rep = commands.add_parser("reproduce", help="run the paper's MNIST tables (resumable) or compare with them")
-    rep.add_argument("--table", choices=("1", "2", "ablation"), default=None,
-                     help="Table 1 (effect of C), 2 (effect of E, B), or the ablation of our 2NN's gap to the paper "
-                          "(required, except with --list, which then lists all three)")
+    rep.add_argument("--table", choices=TABLES, default=None,
+                     help="Table 1 (effect of C), 2 (effect of E, B), the ablation of our 2NN's gap to the paper, or "
+                          "beyond (lesson 8's tuned methods) (required, except with --list, which then lists all)")
     rep.add_argument("--model", choices=("2nn", "cnn"), default=None, help="only this model's rows")
     rep.add_argument("--partition", choices=("iid", "shards"), default=None, help="only IID or only non-IID")
     rep.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these settings (see --list)")
@@ -109,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "Tables 1 and 2, results/ablation for the ablation)")
     rep.add_argument("--device", choices=DEVICES, default="auto")
     rep.add_argument("--together", choices=("auto", "on", "off"), default="auto",
-                     help="train the runs of one (model, C, E, B) group as one batch (fedlib.engine.sweep.run_many), "
-                          "equal to one at a time up to float rounding (default auto: on a GPU only)")
+                     help="train the runs that share the model, the data and the local training as one batch "
+                          "(fedlib.run_many), equal to one at a time up to float rounding (default auto: on a GPU only)")
     rep.add_argument("--threads", type=flag_type(P.THREADS), default=None, help="CPU threads for torch")
     rep.add_argument("--list", action="store_true", help="list the runs and whether each is done, then exit")
     rep.add_argument("--summary", action="store_true", help="compare saved results with the paper, then exit")
@@ -120,84 +137,154 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from fedlib import reproduce as R
+    from fedlib.files import WriteError
     from fedlib.runtime import set_threads
 
-    if args.table is None:
-        if not args.list:
-            raise UsageError("fedlib reproduce: --table is required (1, 2 or ablation), except with --list")
-        seen: set = set()
-        for table in R.TABLES:                     # everything: each table's runs, done and pending
-            out = args.out or R.DEFAULT_OUT[table]
-            print(f"# table {table} ({out})")
-            counts = _list_runs(R, R.select(R.settings_of(table), args.model, args.partition), args.lr,
-                                args.seeds, out, seen)
-            print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
-        return 0
-    settings = R.select(R.settings_of(args.table), args.model, args.partition, args.only)
-    out = args.out or R.DEFAULT_OUT[args.table]
-    seeds = args.seeds or (None if args.table == "ablation" else [0])     # None: each setting's planned seeds
+    tables = R.TABLES if args.table is None else (args.table,)
+    if args.table is None and not args.list:
+        raise UsageError("fedlib reproduce: --table is required (" + ", ".join(R.TABLES) + "), except with --list")
     if args.summary:
+        out = _out_folder(R, args)
+        names = {s.name for s in R.select(R.settings_of(args.table), args.model, args.partition, args.only)}
         for row in R.comparison_rows(args.table, out, (args.seeds or [0])[0]):
-            if row["setting"] in {s.name for s in settings}:
+            if row["setting"] in names:
                 ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
                 ours = f"{row['ours']:.1f}" if isinstance(row["ours"], float) else row["ours"]
                 print(f"{row['setting']:40s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
         return 0
     if args.list:
-        _list_runs(R, settings, args.lr, seeds, out, seen=set())
+        seen: set = set()
+        for table in tables:                       # each table's runs, done and pending
+            out = _out_folder(R, args, table)
+            if len(tables) > 1:
+                print(f"# table {table} ({out})")
+            counts = _list_runs(R, _jobs(R, table, out, args), out, seen)
+            if len(tables) > 1:
+                print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
         return 0
     set_threads(args.threads)
+    out = _out_folder(R, args)
     check_folder(out)
     together = {"auto": None, "on": True, "off": False}[args.together]      # None: on a GPU only
-    results = R.sweep(settings, out, args.lr, seeds, args.device, args.max_rounds,
-                      progress=not args.no_progress, together=together)
+    jobs = _jobs(R, args.table, out, args)
+    while True:
+        try:
+            results = R.sweep(jobs, out, args.device, args.max_rounds, progress=not args.no_progress,
+                              together=together)
+        except WriteError as error:
+            raise OutputLost(f"{error}; every finished run keeps its checkpoint in {Path(out) / '.checkpoints'}: "
+                             "free some space and run the same command again, which writes their results "
+                             "without training them again") from None
+        more = _jobs(R, args.table, out, args) if args.table == "beyond" else jobs   # lesson 8's plan grows
+        if len(more) == len(jobs):
+            break
+        jobs = more
     reached = sum(r["reached"] for r in results)
     print(f"{len(results)} runs in {out}: {reached} reached their target")
     return 0
 
 
-def _list_runs(R, settings, lrs, seeds, out: str, seen: set) -> dict[str, int]:
+def _out_folder(R, args: argparse.Namespace, table: str | None = None) -> str:
+    """--out, or the table's default folder; an empty name is refused (it is not a folder)."""
+    if args.out is not None and not args.out:
+        raise InputError("--out must name a folder, got an empty name")
+    return args.out or R.DEFAULT_OUT[table or args.table]
+
+
+def _jobs(R, table: str, out: str, args: argparse.Namespace) -> list:
+    """The runs of ``table`` the flags ask for: its plan, filtered by --model, --partition, --only,
+    --lr and --seeds (a rate or seed outside the plan is run too, as an extra)."""
+    known = {s.name for s in R.settings_of(table)} | {s.name for s, _, _ in R.plan(table, out)}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        raise InputError(f"--only must name settings of table {table}, got unknown {unknown}; "
+                         "see 'python -m fedlib reproduce --list'")
+    settings = {s.name: s for s, _, _ in R.plan(table, out)}
+    settings = R.select(list(settings.values()), args.model, args.partition, args.only)
+    if args.lr or args.seeds:
+        planned = R.jobs_of(settings, args.lr, args.seeds) if table != "beyond" else \
+            [(s, lr, seed) for s in settings for lr in (args.lr or s.learning_rates())
+             for seed in (args.seeds or R.BEYOND_SEEDS + R.BEYOND_FRESH)]
+        return planned
+    names = {s.name for s in settings}
+    return [job for job in R.plan(table, out) if job[0].name in names]
+
+
+def _list_runs(R, jobs: list, out: str, seen: set) -> dict[str, int]:
     """One line per planned run (done, pending or corrupt), then the saved runs outside the plan
-    (extra); a setting that two tables share is listed once. Returns the count of each status."""
+    (extra); a run that two tables share is listed once. Returns the count of each status."""
     counts = {"done": 0, "pending": 0, "corrupt": 0, "extra": 0}
-    for s in settings:
-        if (out, s.name) in seen:
+    planned = set()
+    for setting, lr, seed in jobs:
+        run_id = R.run_id(setting, lr, seed)
+        planned.add(run_id)
+        if (out, run_id) in seen:
             continue
-        seen.add((out, s.name))
-        for lr in lrs or s.learning_rates():
-            for seed in seeds or s.seeds():
-                status = R.run_status(s, lr, seed, out)
-                counts[status] += 1
-                print(f"{status:8s}{R.run_id(s, lr, seed)}  (cap {s.round_cap} rounds)")
-        planned = {R.run_id(s, lr, seed) for lr in lrs or s.learning_rates() for seed in seeds or s.seeds()}
-        plan = {R.run_id(s, lr, seed) for lr in s.learning_rates() for seed in s.seeds()}
-        for path in sorted(Path(out).glob(f"{s.name}-lr*.json")):
-            if path.stem not in planned | plan:
+        seen.add((out, run_id))
+        status = R.run_status(setting, lr, seed, out)
+        counts[status] += 1
+        print(f"{status:8s}{run_id}  (cap {setting.round_cap} rounds)")
+    for name in sorted({setting.name for setting, _, _ in jobs}):
+        for path in sorted(Path(out).glob(f"{name}-lr*.json")):
+            if path.stem not in planned and (out, path.stem) not in seen:
+                seen.add((out, path.stem))
                 counts["extra"] += 1
                 print(f"{'extra':8s}{path.stem}  (saved, outside the plan)")
     return counts
 
 
+# Exit statuses (see the module docstring).
+DONE, FAILED, BAD_INPUT, DIVERGED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class OutputLost(Exception):
+    """An output could not be written after the work was done: one line, exit status 1."""
+
+
 def _train(args: argparse.Namespace) -> int:
+    from fedlib.files import WriteError
+    from fedlib.runner import run
     from fedlib.runtime import set_threads
-    from fedlib.server import run
 
     set_threads(args.threads)
     config = FedAvgConfig(**{f.name: getattr(args, f.name) for f in fields(FedAvgConfig)}).validate()
-    if args.out:
-        out = check_output(args.out)                 # refused now, not after the training
-        if args.checkpoint and out == Path(args.checkpoint).resolve():
+    checkpoint = None if args.checkpoint is None else check_output(args.checkpoint, what="--checkpoint")
+    if args.out is not None:                         # refused now, not after the training
+        out = check_output(args.out, what="--out")
+        if out == checkpoint:
             raise InputError("--out and --checkpoint must be different files")
-    history = run(config, progress=not args.no_progress, checkpoint=args.checkpoint,
-                  checkpoint_every=args.checkpoint_every)
-    if args.out:
-        history.save(args.out)
-    print(summary(history, config) + (f", saved {args.out}" if args.out else ""))
-    return 0
+    kept = (f"the run is kept in {args.checkpoint}: free some space and run the same command again, which "
+            "resumes there" if args.checkpoint else "the run was not kept (--checkpoint FILE keeps a run through "
+                                                    "this)")
+    try:
+        history = run(config, progress=not args.no_progress, checkpoint=args.checkpoint,
+                      checkpoint_every=args.checkpoint_every)
+    except WriteError as error:                      # the checkpoint, during the training
+        raise OutputLost(f"{error}; the training stopped, " + (
+            f"and {args.checkpoint} holds the run as it was last saved: free some space and run the same "
+            "command again to go on from there" if args.checkpoint else "and nothing was kept")) from None
+    if args.out is not None:
+        try:
+            history.save(args.out)
+        except WriteError as error:
+            raise OutputLost(f"{error}; {kept} and only writes {args.out}" if args.checkpoint
+                             else f"{error}; {kept}") from None
+    print(summary(history, config) + (f", saved {args.out}" if args.out is not None else ""))
+    return DIVERGED if history.diverged else DONE
 
 
 def summary(history: History, config: FedAvgConfig) -> str:
-    """One line: the final and best accuracy, rounds to the target, time."""
+    """One line: the final and best accuracy, rounds to the target, time; for a run whose training
+    diverged, that it did, in which round, and the best accuracy before it."""
+    if history.diverged:
+        last, before = history.records[-1], History(history.config, history.records[:-1])
+        text = (f"training DIVERGED in round {last.round} (a loss or the model is not a finite number): the "
+                f"result cannot be trusted and its accuracy means nothing; ")
+        text += (f"best accuracy before it {before.best_accuracy:.4f} (round "
+                 f"{before.rounds[before.accuracies.index(before.best_accuracy)]})" if before.accuracies
+                 else "no round before it was evaluated")
+        return text + f"; smaller steps (lr = {config.lr:g}, or the method's server step) usually help, " \
+                      f"{history.seconds:.1f} s"
     if history.accuracies:
         best_round = history.rounds[history.accuracies.index(history.best_accuracy)]
         text = (f"final accuracy {history.final_accuracy:.4f}, best {history.best_accuracy:.4f} "
@@ -211,51 +298,65 @@ def summary(history: History, config: FedAvgConfig) -> str:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from fedlib.files import WriteError
     from fedlib.plotting import save_accuracy_plot
 
-    histories = [History.load(path) for path in args.runs]
+    histories = [load_history(path) for path in args.runs]
     if args.labels is not None and len(args.labels) != len(histories):
         raise InputError(f"--labels must give one label per run ({len(histories)}), got {len(args.labels)}")
-    check_output(args.out)
-    save_accuracy_plot(histories, args.out, args.labels, target=args.target, title=args.title)
+    check_output(args.out, inputs=tuple(args.runs), what="--out")
+    try:
+        save_accuracy_plot(histories, args.out, args.labels, target=args.target, title=args.title)
+    except WriteError as error:
+        raise OutputLost(f"{error}; nothing else was changed: free some space and run the same command again") from None
     print(f"wrote {args.out}")
     return 0
+
+
+def load_history(path: str) -> History:
+    """A history file given to ``plot``, checked whole: its fields (:meth:`History.load`) and its
+    configuration (a FedAvgConfig of a run)."""
+    history = History.load(path)
+    try:
+        saved_config(history.config)
+    except InputError as error:
+        raise InputError(f"not a fedlib history file: {path} (its config: {error})") from None
+    return history
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 missing data, 2 bad input, 130 interrupted)."""
-    from fedlib.server import RunInterrupted
-
+def main(argv: list[str] | None = None, terminate=_interrupt) -> int:
+    """Entry point; returns the exit status (module docstring: 0 done, 1 the environment failed,
+    2 bad input, 3 the training diverged, 130 interrupted). terminate: SIGTERM's handler while it
+    runs, one that raises KeyboardInterrupt (``fedlib.__main__`` passes one that also ignores every
+    signal after the first)."""
     command = "fedlib"
-    previous = signal.signal(signal.SIGTERM, _interrupt)     # stop like Ctrl-C: save, then exit 130
+    previous = signal.signal(signal.SIGTERM, terminate)      # stop like Ctrl-C: save, then exit 130
     try:
-        args = build_parser().parse_args(argv)
-        command = f"fedlib {args.command}"
-        return {"train": _train, "plot": _plot, "reproduce": _reproduce}[args.command](args)
+        try:
+            args = build_parser().parse_args(argv)
+            command = f"fedlib {args.command}"
+            return {"train": _train, "plot": _plot, "reproduce": _reproduce}[args.command](args)
+        except KeyboardInterrupt as stop:                     # RunInterrupted says what was saved
+            with signals_held():
+                runner = sys.modules.get("fedlib.runner")
+                text = str(stop) if runner and isinstance(stop, runner.RunInterrupted) else "interrupted"
+                print(f"{command}: {text}", file=sys.stderr)
+            return INTERRUPTED
     except UsageError as error:
         print(error, file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except InputError as error:
         print(f"{command}: {error}", file=sys.stderr)
-        return 2
-    except DatasetNotFoundError as error:
-        print(error, file=sys.stderr)
-        return 1
-    except RunInterrupted as stop:
-        if stop.checkpoint:
-            print(f"{command}: interrupted after round {stop.rounds_done}, which is saved in {stop.checkpoint}; "
-                  "run the same command again to resume", file=sys.stderr)
-        else:
-            print(f"{command}: interrupted after round {stop.rounds_done}; nothing was saved "
-                  "(--checkpoint FILE makes a run resumable)", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        return BAD_INPUT
+    except (DatasetNotFoundError, OutputLost) as error:
+        print(error if isinstance(error, DatasetNotFoundError) else f"{command}: {error}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:                                 # a second Ctrl-C while the first was reported
+        return INTERRUPTED
     except BrokenPipeError:                                   # e.g. `... --list | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedlib import params as P
+from fedlib.params import InputError
 
 Weights = dict[str, torch.Tensor]
 
@@ -32,7 +33,7 @@ Weights = dict[str, torch.Tensor]
 @dataclass
 class ClientResult:
     """What a client sends back: its new weights w_k, its n_k, its mean training loss,
-    and how many SGD steps it took (E * ceil(n_k / B))."""
+    and how many SGD steps it took (u_k = E * ceil(n_k / B), :func:`local_steps`)."""
 
     weights: Weights
     num_examples: int
@@ -48,6 +49,15 @@ def check_hyperparameters(epochs: int, batch_size: int | None, lr: float,
     P.LR.check("lr", lr)
     P.MOMENTUM.check("momentum", momentum)
     P.WEIGHT_DECAY.check("weight_decay", weight_decay)
+
+
+def local_steps(num_examples: int, epochs: int, batch_size: int | None) -> int:
+    """u = E * ceil(n_k / B): the SGD steps of one client in one round (B = None: one step per
+    epoch). The last batch of an epoch is smaller when B does not divide n_k, and still a step;
+    the paper writes u = E n / (K B) for its equal clients (n_k = n / K = 600, B = 10: u = 60)."""
+    P.LOCAL_EPOCHS.check("epochs", epochs)
+    P.BATCH_SIZE.check("batch_size", batch_size)
+    return epochs * (1 if batch_size is None else -(-num_examples // batch_size))
 
 
 def epoch_batches(num_examples: int, batch_size: int | None,
@@ -84,13 +94,16 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
     P.MU.check("mu", mu)
+    if len(y) == 0 or len(x) != len(y):
+        raise InputError(f"a client needs n_k >= 1 examples with one label each, got {len(x)} inputs and "
+                         f"{len(y)} labels")
     if weights is not None:
         model.load_state_dict(weights)
     model.train()
     w_t = {name: p.detach().clone() for name, p in model.named_parameters()} if mu else None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n_k, steps = len(y), 0
-    total_loss = torch.zeros((), device=y.device, dtype=x.dtype)
+    total_loss = torch.zeros((), device=y.device, dtype=next(model.parameters()).dtype)   # x may hold ids
     for _ in range(epochs):
         for batch in epoch_batches(n_k, batch_size, generator):
             batch = batch.to(y.device)

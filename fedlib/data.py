@@ -5,6 +5,10 @@ returns the full train and test sets as float tensors with int64 labels, the pix
 standardised with the training set's mean and standard deviation (or, with
 ``scaling=``, scaled to [0, 1] or left at 0-255). Holding everything as one tensor means a client's data is just an index
 array into it: no DataLoader and no per-sample transform runs during training.
+
+``load_dataset("shakespeare")`` is the paper's language task (``fedlib.shakespeare``):
+sequences of 80 character ids, a target character at every position, and the dataset's
+own clients (one per speaking role) in ``Dataset.clients``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ NORMALIZATION = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-DATASETS = tuple(NORMALIZATION)
+# The image datasets, then the paper's Shakespeare task (fedlib.shakespeare).
+DATASETS = tuple(NORMALIZATION) + ("shakespeare",)
+
+# A target that no loss, gradient or accuracy counts: the padding of a short sequence.
+# PyTorch's default ``ignore_index`` of ``F.cross_entropy``, so the loss skips it by itself.
+IGNORE_INDEX = -100
 
 # How pixel values p (0-255) become inputs: standardize: (p/255 - mean) / std, per channel
 # (fedlib's default); unit: p/255, in [0, 1]; raw: p itself, 0-255.
@@ -66,6 +75,11 @@ class Dataset:
     ``x_train``: (N, C, H, W) float32, scaled as ``scaling`` says (one of ``SCALINGS``);
     ``y_train``: (N,) int64. ``x_test`` and ``y_test`` likewise for the test set
     (10,000 images for all three).
+
+    Shakespeare (``fedlib.shakespeare``): ``x_train`` (N, 80) int64 character ids,
+    ``y_train`` (N, 80) int64 the next characters (``IGNORE_INDEX`` for padding), ``scaling``
+    "ids", and the natural partition: ``clients``, one index array into the training set
+    per client, named in ``client_names``. Image datasets have no natural clients (None).
     """
 
     name: str
@@ -75,6 +89,8 @@ class Dataset:
     y_test: torch.Tensor
     classes: list[str]
     scaling: str = "standardize"
+    clients: list[np.ndarray] | None = None
+    client_names: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -86,11 +102,13 @@ class Dataset:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Dataset":
         """The same dataset with every tensor moved to ``device`` and the images cast to
-        ``dtype`` (None keeps each); labels stay int64. ``run`` trains in the images'
-        dtype, so ``data.to(dtype=torch.float64)`` gives a float64 run (the tests use it)."""
-        return Dataset(self.name, self.x_train.to(device=device, dtype=dtype), self.y_train.to(device),
-                       self.x_test.to(device=device, dtype=dtype), self.y_test.to(device), self.classes,
-                       self.scaling)
+        ``dtype`` (None keeps each); labels stay int64, and so do character ids (inputs
+        that are not floating point). ``run`` trains in the images' dtype, so
+        ``data.to(dtype=torch.float64)`` gives a float64 run (the tests use it)."""
+        def inputs(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+        return Dataset(self.name, inputs(self.x_train), self.y_train.to(device), inputs(self.x_test),
+                       self.y_test.to(device), self.classes, self.scaling, self.clients, self.client_names)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -140,14 +158,22 @@ def _corrupt_message(name: str, root: Path, reason: str) -> str:
             f"({reason.strip().splitlines()[0][:120]}); replace them with the original files")
 
 
+# The shape of one image of each dataset as torchvision reads it (MNIST: H x W; CIFAR-10: H x W x C).
+IMAGE_SHAPES = {"mnist": (28, 28), "fashion-mnist": (28, 28), "cifar10": (32, 32, 3)}
+
+
 def _check_shapes(name: str, root: Path, raw):
-    """The images and labels of a torchvision dataset must agree in number, and labels be classes."""
+    """The images and labels of a torchvision dataset must agree in number, the labels be classes
+    and every image have the dataset's shape (28 x 28 for MNIST: files of 5 x 5 images are not MNIST)."""
     images, labels = np.asarray(raw.data), np.asarray(raw.targets)
-    expected = 4 if name == "cifar10" else 3
-    if images.ndim != expected or len(images) != len(labels) or len(labels) == 0 \
-            or labels.min() < 0 or labels.max() >= len(raw.classes):
+    if images.ndim != 1 + len(IMAGE_SHAPES[name]) or len(images) != len(labels) or len(labels) == 0 \
+            or labels.ndim != 1 or labels.min() < 0 or labels.max() >= len(raw.classes):
         raise DatasetCorruptError(_corrupt_message(
             name, root, f"images {images.shape} and labels {labels.shape} do not make a labelled dataset"))
+    if images.shape[1:] != IMAGE_SHAPES[name]:
+        raise DatasetCorruptError(_corrupt_message(
+            name, root, f"its images are {' x '.join(map(str, images.shape[1:]))}, and {name}'s are "
+                        f"{' x '.join(map(str, IMAGE_SHAPES[name]))}"))
     return raw
 
 
@@ -173,7 +199,9 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None,
                  scaling: str = "standardize") -> Dataset:
     """Load a whole dataset as tensors on ``device`` (None: cuda if available, else cpu).
 
-    name: ``mnist``, ``fashion-mnist`` or ``cifar10``. root: see :func:`data_root`.
+    name: ``mnist``, ``fashion-mnist``, ``cifar10`` or ``shakespeare`` (the paper's language
+    task, read from the installed package ``shakespeare``: :func:`fedlib.shakespeare.load`,
+    which also takes the options that shrink it). root: see :func:`data_root`.
     scaling: how pixels become inputs, one of ``SCALINGS``: ``standardize`` (the
     training set's mean 0 and standard deviation 1 per channel), ``unit`` ([0, 1]) or
     ``raw`` (0-255).
@@ -181,8 +209,11 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None,
     torchvision tries to download them (unless ``download=False``), and if that
     fails a :class:`DatasetNotFoundError` says where we looked and how to fix it.
     """
-    if name not in NORMALIZATION:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    if name not in DATASETS:
+        raise InputError(f"name must be one of {DATASETS}, got {name!r}")
+    if name == "shakespeare":
+        from fedlib import shakespeare
+        return shakespeare.load(device=device)
     if scaling not in SCALINGS:
         raise InputError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     folder = data_root(root)

@@ -1,7 +1,9 @@
 """The models of the paper and of the most-used PyTorch reproduction.
 
-Every model maps a batch of images (B, C, H, W) to logits (B, num_classes);
-the loss is cross-entropy on the logits.
+Every image model maps a batch of images (B, C, H, W) to logits (B, num_classes); the
+character LSTMs map a batch of character ids (B, T) to logits (B, num_classes, T), one
+prediction per position with the classes along dim 1, the layout ``F.cross_entropy`` and
+``argmax(1)`` take for sequences. The loss is cross-entropy on the logits.
 
 =============  =================================================  ===========
 name           architecture                                       parameters
@@ -11,7 +13,19 @@ name           architecture                                       parameters
 ``mlp``        reproduction: 784-200-10, dropout 0.5              159,010
 ``cnn-small``  reproduction: conv(10)-conv(20)-fc50-fc10, dropout  21,840
 ``cifar-cnn``  conv(6)-conv(16)-fc120-fc84-fc10 for 3x32x32        62,006
+``lstm``       paper: embed 8, 2 LSTM layers of 256, softmax      824,690
+``lstm-small`` the same with 2 LSTM layers of 64 (quick profile)   59,378
 =============  =================================================  ===========
+
+The LSTMs' counts are for Shakespeare's 98 symbols (``fedlib.shakespeare.VOCAB``); with V
+symbols the paper's LSTM has 8 V + 798,720 + 257 V = 265 V + 798,720 parameters. The paper
+counts 866,578. Solving for V over the layouts we tried (one bias per gate as in TensorFlow's
+cell, or two as in PyTorch's; with or without peephole connections; with or without the
+softmax layer's bias; input and output vocabularies equal or within 6 of each other), the
+only whole-number solution is one bias per gate, peepholes, a softmax bias and V = 258
+(256 byte values and two special symbols, perhaps). With V = 258 this model has 867,090
+parameters, 512 more: PyTorch's second bias (+2,048) without the peepholes (-1,536). That is
+an inference from the count; the paper does not state its vocabulary.
 
 Every model starts from PyTorch's default initialisation; :func:`initialize` redraws
 the weights of its linear and convolutional layers the way TensorFlow programs of
@@ -114,6 +128,30 @@ class CifarCNN(nn.Module):
         return self.fc3(x)
 
 
+class CharLSTM(nn.Module):
+    """The paper's character LSTM (Section 3): each character embedded in 8 dimensions, two
+    LSTM layers of 256 units, a softmax over the characters at every position.
+
+    forward: (B, T) int64 character ids -> (B, num_classes, T) logits, the prediction of the
+    character after each position. The state starts at zero for every sequence.
+    """
+
+    def __init__(self, num_classes: int = 98, embedding: int = 8, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, embedding)
+        self.lstm = nn.LSTM(embedding, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T) -> (B, V, T)
+        h, _ = self.lstm(self.embed(x))                     # (B, T, hidden)
+        return self.fc(h).transpose(1, 2)
+
+
+def small_char_lstm(num_classes: int = 98) -> CharLSTM:
+    """The character LSTM with 2 layers of 64 units: the quick profile's model on a CPU."""
+    return CharLSTM(num_classes, hidden=64)
+
+
 # How w_0 is drawn for every linear and convolutional layer:
 # pytorch: PyTorch's default, weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in));
 # truncated-normal: weights ~ N(0, 0.1^2) redrawn beyond 2 standard deviations, biases 0.1
@@ -142,17 +180,26 @@ def initialize(model: nn.Module, init: str = "pytorch") -> nn.Module:
     return model
 
 
-MODELS = {"2nn": TwoNN, "cnn": CNN, "mlp": MLPDropout, "cnn-small": SmallCNN, "cifar-cnn": CifarCNN}
+MODELS = {"2nn": TwoNN, "cnn": CNN, "mlp": MLPDropout, "cnn-small": SmallCNN, "cifar-cnn": CifarCNN,
+          "lstm": CharLSTM, "lstm-small": small_char_lstm}
+# The models that read sequences of character ids (T,) instead of images (C, H, W).
+LANGUAGE_MODELS = ("lstm", "lstm-small")
 
 
-def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Build a model by name (see the table in this module's docstring).
 
     input_shape: (C, H, W) of one image; None means each model's own
-    (1, 28, 28) for the MNIST models, (3, 32, 32) for ``cifar-cnn``.
+    (1, 28, 28) for the MNIST models, (3, 32, 32) for ``cifar-cnn``. For the LSTMs,
+    num_classes is the vocabulary size and input_shape (T,), one sequence (any T).
     """
     if name not in MODELS:
         raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    if name in LANGUAGE_MODELS:
+        if input_shape is not None and len(input_shape) != 1:
+            raise ValueError(f"input_shape for {name} must be (T,), one sequence of character ids, "
+                             f"got {tuple(input_shape)}")
+        return MODELS[name](num_classes=num_classes)
     if input_shape is None:
         return MODELS[name](num_classes=num_classes)
     channels, height, width = input_shape

@@ -15,6 +15,15 @@ The *ablation* ("table" ``ablation``, results in ``results/ablation``) asks why 
 2NN needs fewer rounds than the paper's: it reruns two cells of Table 1 with one
 training choice at a time changed from fedlib's toward what the paper's 2016
 TensorFlow setup plausibly did (:data:`VARIANTS`), each over its own grid of rates.
+
+*Beyond* ("table" ``beyond``, results in ``results/beyond``) is lesson 8's comparison of
+FedAvg with the methods that came after it, each tuned (:func:`beyond_plan`): one cell, the
+2NN on pathological non-IID MNIST with E = 5, B = 50, every method over its own grid with
+two tuning seeds, then its best point again with two fresh seeds.
+
+Every table is a *plan* of runs (setting, eta, seed) (:func:`plan`), run by one runner
+(:func:`sweep`) into one file format (:func:`save_result`), and read back with one rule for
+the best run (:func:`score`).
 """
 
 from __future__ import annotations
@@ -22,20 +31,23 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from fedlib.config import FedAvgConfig
+from fedlib.client import local_steps
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import Dataset, load_dataset
-from fedlib.engine.sweep import MAY_DIFFER, run_many, sweep_reason
-from fedlib.files import atomic_write_text
+from fedlib.engine.lockstep import batch_key, refusal
+from fedlib import params as P
+from fedlib.files import atomic_write_text, load_json, to_json
 from fedlib.metrics import History, rounds_to_target
 from fedlib.params import InputError
+from fedlib.runner import run, run_many
 from fedlib.runtime import get_device
-from fedlib.server import run
 
 NUM_CLIENTS = 100
 EXAMPLES_PER_CLIENT = 600
@@ -52,9 +64,10 @@ LR_GRID: dict[tuple[str, int | None], tuple[float, ...]] = {
 }
 
 
-TABLES = ("1", "2", "ablation")
+TABLES = ("1", "2", "ablation", "beyond")
 # Where each table's runs are saved by default (one JSON file per run).
-DEFAULT_OUT = {"1": "results/reproduce", "2": "results/reproduce", "ablation": "results/ablation"}
+DEFAULT_OUT = {"1": "results/reproduce", "2": "results/reproduce", "ablation": "results/ablation",
+               "beyond": "results/beyond"}
 
 
 def paper_table(table: str) -> dict:
@@ -78,9 +91,12 @@ class Setting:
     target: float
     paper_rounds: int | None  # None: the paper reports "--"
     round_cap: int
-    variant: str = ""         # the ablation's variant ("" in the paper's tables)
+    variant: str = ""         # the ablation's variant, or lesson 8's method and knobs ("" in the paper's tables)
     input_scaling: str = "standardize"
     init: str = "pytorch"
+    strategy: str = "fedavg"  # the method (fedlib.strategies) and its knobs, as (name, value) pairs
+    knobs: tuple = ()
+    lrs: tuple = ()           # the learning-rate grid, where the table gives it per setting (beyond)
 
     @property
     def name(self) -> str:
@@ -90,10 +106,9 @@ class Setting:
         return f"{name}-{self.variant}" if self.variant else name
 
     @property
-    def updates_per_round(self) -> float:
-        """u = E n_k / B: local SGD steps per client per round (n_k = 600)."""
-        steps = 1 if self.batch_size is None else math.ceil(EXAMPLES_PER_CLIENT / self.batch_size)
-        return self.local_epochs * steps
+    def updates_per_round(self) -> int:
+        """u = E ceil(n_k / B): local SGD steps per client per round (n_k = 600)."""
+        return local_steps(EXAMPLES_PER_CLIENT, self.local_epochs, self.batch_size)
 
     @property
     def cell(self) -> str:
@@ -101,12 +116,16 @@ class Setting:
         return self.name.removesuffix(f"-{self.variant}") if self.variant else self.name
 
     def learning_rates(self) -> tuple[float, ...]:
+        if self.lrs:
+            return self.lrs
         if self.variant:
             return ABLATION_GRID[(self.variant, self.cell)]
         return LR_GRID[(self.model, self.batch_size)]
 
     def seeds(self) -> tuple[int, ...]:
         """The seeds this setting is planned with (``--list`` shows them, a sweep runs them)."""
+        if self.table == "beyond":
+            return BEYOND_SEEDS
         if self.variant:
             return ABLATION_SEEDS
         return EXTRA_SEEDS.get(self.name, (0,))
@@ -209,11 +228,88 @@ def ablation_settings() -> list[Setting]:
             for v in VARIANTS for c in (cells[cell] for variant, cell in ABLATION_GRID if variant == v.name)]
 
 
+# --- beyond FedAvg: lesson 8's tuned comparison ---------------------------------------------------
+
+# The one cell: the 2NN on pathological non-IID MNIST, K = 100, C = 0.1, E = 5, B = 50 (u = 60 local
+# steps), each run until 95% test accuracy or 150 rounds.
+BEYOND_CELL = dict(model="2nn", partition="shards", frac=0.1, local_epochs=5, batch_size=50, target=0.95,
+                   paper_rounds=None, round_cap=150)
+BEYOND_SEEDS = (0, 1)           # every grid point runs with these (tuning)
+BEYOND_FRESH = (2, 3)           # each method's best point runs again with these, which chose nothing
+BEYOND_ETAS = (0.1, 0.2, 0.4)
+# Each method's grid: its knobs and learning rates; "eta*" is FedAvg's best eta. A grid brackets its best
+# point: SCAFFOLD diverged at FedAvg's eta = 0.2, so its grid goes down to 0.025; FedAvgM was best at
+# eta_g = 1 with beta = 0.5, so its grid goes up to eta_g = 2.
+BEYOND_GRID: dict[str, list[tuple[dict, tuple]]] = {
+    "fedavg": [({}, BEYOND_ETAS)],
+    "scaffold": [({}, (0.025, 0.05) + BEYOND_ETAS)],
+    "fedprox": [({"mu": mu}, ("eta*",)) for mu in (0.01, 0.1, 1.0)],
+    "fedavgm": [({"server_lr": g, "server_momentum": beta}, ("eta*",)) for beta in (0.5, 0.9)
+                for g in (0.1, 0.3, 1.0, 2.0)],
+    "fedadam": [({"server_lr": g}, ("eta*",)) for g in (0.001, 0.003, 0.01, 0.03)],
+}
+SHOWN = {"mu": "mu", "server_lr": "slr", "server_momentum": "mom"}      # how a knob appears in a name
+
+
+def beyond_setting(method: str, knobs: dict, lrs: tuple, label: str | None = None) -> Setting:
+    """One grid point of lesson 8's comparison: ``method`` (a strategy) with ``knobs``, over ``lrs``."""
+    shown = [f"{SHOWN[k]}{v:g}" for k, v in knobs.items() if k in SHOWN]
+    strategy = "fedavgm" if method == "server-sgd" else method
+    return Setting("beyond", **BEYOND_CELL, variant="-".join([label or method, *shown]), strategy=strategy,
+                   knobs=tuple(knobs.items()), lrs=tuple(lrs))
+
+
+def beyond_plan(results: Iterable[dict]) -> list[tuple["Setting", float, int]]:
+    """Lesson 8's runs that can be named now, given the results so far: every method's grid with the
+    tuning seeds (the grids at FedAvg's best eta once it is known), each method's best point with the
+    fresh seeds once its grid is done, and, once FedAvgM's best (eta_g, beta) is known, the control
+    that asks whether its momentum matters: server SGD without momentum at the same long-run step
+    eta_g / (1 - beta) ("server-sgd")."""
+    results = list(results)
+    best = {method: best_point(results, settings, BEYOND_SEEDS) for method, settings in beyond_grid(results).items()}
+    jobs = []
+    for method, settings in beyond_grid(results).items():
+        jobs += [(s, lr, seed) for s in settings for lr in s.learning_rates() for seed in BEYOND_SEEDS]
+        if best[method]:
+            setting, lr = best[method]
+            jobs += [(setting, lr, seed) for seed in BEYOND_FRESH]
+    return jobs
+
+
+def beyond_grid(results: list[dict]) -> dict[str, list[Setting]]:
+    """Each method's grid points that can be named now (those at eta* once FedAvg's best eta is known)."""
+    fedavg = best_point(results, [beyond_setting("fedavg", {}, BEYOND_ETAS)], BEYOND_SEEDS)
+    grid: dict[str, list[Setting]] = {}
+    for method, points in BEYOND_GRID.items():
+        if any("eta*" in lrs for _, lrs in points) and fedavg is None:
+            continue
+        grid[method] = [beyond_setting(method, knobs, tuple(fedavg[1] if lr == "eta*" else lr for lr in lrs))
+                        for knobs, lrs in points]
+    momentum = best_point(results, grid.get("fedavgm", []), BEYOND_SEEDS)
+    if momentum:
+        knobs = dict(momentum[0].knobs)
+        step = knobs["server_lr"] / (1 - knobs["server_momentum"])
+        grid["server-sgd"] = [beyond_setting("server-sgd", {"server_lr": step, "server_momentum": 0.0},
+                                             (momentum[1],))]
+    return grid
+
+
 def settings_of(table: str) -> list[Setting]:
-    """The settings of Table 1, Table 2 or the ablation."""
+    """The settings of Table 1, Table 2 or the ablation (``beyond``: those that can be named
+    without results, see :func:`beyond_plan`)."""
     if table not in TABLES:
         raise InputError(f"table must be one of {TABLES}, got {table!r}")
+    if table == "beyond":
+        return [s for settings in beyond_grid([]).values() for s in settings]
     return ablation_settings() if table == "ablation" else paper_settings(table)
+
+
+def plan(table: str, out_dir: str | Path | None = None) -> list[tuple[Setting, float, int]]:
+    """Every run (setting, eta, seed) of a table that can be named now: the paper's tables and the
+    ablation are fixed; lesson 8's grows with its results in ``out_dir`` (:func:`beyond_plan`)."""
+    if table == "beyond":
+        return beyond_plan(load_results(out_dir or DEFAULT_OUT["beyond"]))
+    return [(s, lr, seed) for s in settings_of(table) for lr in s.learning_rates() for seed in s.seeds()]
 
 
 def select(settings: Sequence[Setting], model: str | None = None, partition: str | None = None,
@@ -229,8 +325,15 @@ def select(settings: Sequence[Setting], model: str | None = None, partition: str
             and (partition is None or s.partition == partition) and (not names or s.name in names)]
 
 
+def rate_text(lr: float) -> str:
+    """eta as it appears in a run's name: the shortest text that reads back as exactly this
+    float (0.1, 0.0464, 1e-05; 1.0 as 1), so two different rates never share a name."""
+    text = repr(float(lr))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def run_id(setting: Setting, lr: float, seed: int) -> str:
-    return f"{setting.name}-lr{lr:g}-seed{seed}"
+    return f"{setting.name}-lr{rate_text(lr)}-seed{seed}"
 
 
 def command_for(setting: Setting, lr: float, seed: int, round_cap: int | None = None) -> str:
@@ -242,14 +345,10 @@ def command_for(setting: Setting, lr: float, seed: int, round_cap: int | None = 
     round, and weights that differ only in the last bits.
     """
     command = (f"python -m fedlib reproduce --table {setting.table} --only {setting.name} "
-               f"--lr {lr:g} --seeds {seed}")
+               f"--lr {rate_text(lr)} --seeds {seed}")
     if round_cap is not None and round_cap < setting.round_cap:
         command += f" --max-rounds {round_cap}"
     return command
-
-
-# Rounds between two checkpoints of a run (each run also saves when it ends and on Ctrl-C).
-CHECKPOINT_EVERY = 25
 
 
 def round_cap_of(setting: Setting, max_rounds: int | None = None) -> int:
@@ -267,12 +366,15 @@ def checkpoint_path(setting: Setting, lr: float, seed: int, out_dir: Path) -> Pa
 
 
 def saved_result(setting: Setting, lr: float, seed: int, cap: int, out_dir: Path) -> dict | None:
-    """The saved run if it is final (reached its target, or ran to a cap >= ``cap``), else None."""
+    """The saved run if it is final (reached its target, diverged, or ran to a cap >= ``cap``), else None."""
     path = result_path(setting, lr, seed, out_dir)
     if not path.exists():
         return None
     saved = load_result(path)
-    if saved["reached"] or saved["round_cap"] >= cap:        # a run stopped at a lower cap runs again
+    if saved["lr"] != lr or saved["seed"] != seed or saved["setting"]["name"] != setting.name:
+        raise InputError(f"{path} holds the run {saved['setting']['name']} at eta = {saved['lr']!r}, seed "
+                         f"{saved['seed']}, not eta = {lr!r}, seed {seed}; delete it to run it again")
+    if saved["reached"] or saved.get("diverged") or saved["round_cap"] >= cap:   # a lower cap runs again
         return saved
     return None
 
@@ -285,7 +387,8 @@ def config_of(setting: Setting, lr: float, seed: int, cap: int, device: str = "a
                         batch_size=setting.batch_size, lr=lr, rounds=cap, seed=seed,
                         input_scaling=setting.input_scaling, init=setting.init,
                         eval_every=1 if cap <= 1000 else 5, device=device,
-                        target=setting.target, stop_at_target=True)
+                        target=setting.target, stop_at_target=True, strategy=setting.strategy,
+                        **dict(setting.knobs))
 
 
 def save_result(setting: Setting, lr: float, seed: int, cap: int, history: History, out_dir: Path,
@@ -299,116 +402,78 @@ def save_result(setting: Setting, lr: float, seed: int, cap: int, history: Histo
         "setting": asdict(setting) | {"name": setting.name},
         "lr": lr, "seed": seed, "round_cap": cap,
         "rounds_to_target": needed, "reached": needed is not None,
-        "diverged": not math.isfinite(history.records[-1].train_loss),
+        "diverged": history.diverged,
         "rounds_run": len(history.records), "best_accuracy": history.best_accuracy,
         "wall_seconds": round(history.seconds, 2), "device": history.device, "versions": history.versions,
         "command": command_for(setting, lr, seed, cap), "together": together,
         "history": history.to_dict(),
     }
-    atomic_write_text(result_path(setting, lr, seed, out_dir), json.dumps(result, indent=1))
+    text = to_json(result)
+    atomic_write_text(result_path(setting, lr, seed, out_dir), text)
     checkpoint_path(setting, lr, seed, out_dir).unlink(missing_ok=True)
-    return result
-
-
-def check_scaling(setting: Setting, data: Dataset) -> None:
-    if data.scaling != setting.input_scaling:
-        raise InputError(f"{setting.name} needs data scaled {setting.input_scaling!r}, got {data.scaling!r}")
-
-
-def run_setting(setting: Setting, lr: float, seed: int, out_dir: Path, data: Dataset, device: str = "auto",
-                max_rounds: int | None = None, progress: bool = True) -> dict:
-    """Run one (setting, eta, seed) to its target or cap and save the result; reuse a saved one."""
-    out_dir = Path(out_dir)
-    check_scaling(setting, data)
-    cap = round_cap_of(setting, max_rounds)
-    saved = saved_result(setting, lr, seed, cap, out_dir)
-    if saved is not None:
-        return saved
-    history = run(config_of(setting, lr, seed, cap, device), data, progress=progress,
-                  checkpoint=checkpoint_path(setting, lr, seed, out_dir), checkpoint_every=CHECKPOINT_EVERY)
-    return save_result(setting, lr, seed, cap, history, out_dir)
+    return json.loads(text)                    # as a later sweep reads it back (tuples as lists)
 
 
 Job = tuple[Setting, float, int]          # (setting, eta, seed): one run of a sweep
 
 
-def sweep(settings: Sequence[Setting], out_dir: str | Path, lrs: Sequence[float] | None = None,
-          seeds: Sequence[int] | None = (0,), device: str = "auto", max_rounds: int | None = None,
-          data: Dataset | None = None, progress: bool = True, together: bool | None = None) -> list[dict]:
-    """Run every setting x learning rate x seed not yet saved under ``out_dir``; returns
-    every run's result (saved ones included), in that order.
+def jobs_of(settings: Sequence[Setting], lrs: Sequence[float] | None = None,
+            seeds: Sequence[int] | None = None) -> list[Job]:
+    """Every setting x learning rate x seed (None: each setting's own grid and seeds)."""
+    return [(s, lr, seed) for s in settings for lr in (lrs or s.learning_rates()) for seed in (seeds or s.seeds())]
 
-    lrs: None for each setting's grid; seeds: None for each setting's planned seeds.
+
+def sweep(jobs: Sequence[Job], out_dir: str | Path, device: str = "auto", max_rounds: int | None = None,
+          data: Dataset | None = None, progress: bool = True, together: bool | None = None) -> list[dict]:
+    """Run every job (setting, eta, seed) not yet saved under ``out_dir``; returns every job's
+    result (saved ones included), in order.
+
     data: MNIST as the settings need it scaled (default: loaded once per scaling).
-    together: train the runs that share a model and the shape of every step (C, E, B,
-    input scaling) as one batch (``fedlib.engine.sweep.run_many``), which gives each run
-    the same clients and, up to float rounding, the same weights as training it alone;
-    None: on a CUDA device only. False: one run after another.
+    together: train the pending runs that can share a batch (the same model, data and local
+    training: ``fedlib.engine.lockstep.batch_key``) as one, with ``fedlib.run_many``, which gives
+    each run the same clients and, up to float rounding, the same weights as training it alone;
+    None: on a CUDA device only. False: one run after another. Ctrl-C stops the sweep with
+    ``RunInterrupted``; the unfinished runs keep their checkpoints and resume on the next sweep.
     """
-    jobs = [(s, lr, seed) for s in settings for lr in (lrs or s.learning_rates()) for seed in (seeds or s.seeds())]
-    loaded = {data.scaling: data} if data is not None else {}
+    out_dir = Path(out_dir)
+    loaded: dict[str, Dataset] = {}
 
     def data_for(setting: Setting) -> Dataset:
+        if data is not None:                      # the caller's data (a run refuses it if scaled otherwise)
+            return data
         if setting.input_scaling not in loaded:
-            loaded[setting.input_scaling] = load_dataset("mnist", scaling=setting.input_scaling)
+            loaded[setting.input_scaling] = load_dataset("mnist", scaling=setting.input_scaling, device="cpu")
         return loaded[setting.input_scaling]
 
     if together is None:
         together = get_device(device).type == "cuda"
-    if together:
-        return _sweep_together(jobs, Path(out_dir), data_for, device, max_rounds, progress)
-    results = []
-    overall = tqdm(jobs, desc="reproduce", unit="run", disable=not progress, position=0)
-    for setting, lr, seed in overall:
-        overall.set_postfix_str(run_id(setting, lr, seed))
-        results.append(run_setting(setting, lr, seed, Path(out_dir), data_for(setting), device,
-                                   max_rounds, progress))
+    caps = [round_cap_of(s, max_rounds) for s, _, _ in jobs]
+    results = [saved_result(s, lr, seed, cap, out_dir) for (s, lr, seed), cap in zip(jobs, caps)]
+    pending = {i: config_of(*jobs[i], caps[i], device) for i, r in enumerate(results) if r is None}
+    batches = groups(pending) if together else [[i] for i in pending]
+    overall = tqdm(batches, desc="reproduce", unit="batch", disable=not progress, position=0)
+    for batch in overall:
+        overall.set_postfix_str(run_id(*jobs[batch[0]]) + (f" and {len(batch) - 1} more" if len(batch) > 1 else ""))
+        batch_data = data_for(jobs[batch[0]][0])
+        configs = [pending[i] for i in batch]
+        checkpoints = [checkpoint_path(*jobs[i], out_dir) for i in batch]
+        if len(batch) == 1:
+            histories = [run(configs[0], batch_data, progress=progress, checkpoint=checkpoints[0])]
+        else:
+            histories = run_many(configs, batch_data, progress=progress, checkpoints=checkpoints)
+        for i, config, history in zip(batch, configs, histories):
+            results[i] = save_result(*jobs[i], config.rounds, history, out_dir, together=len(batch))
     return results
-
-
-def group_key(config: FedAvgConfig) -> tuple:
-    """What the runs trained together must share: every field of the config but those that
-    ``run_many`` lets differ (``MAY_DIFFER``: eta, seed, partition, rounds, target, init, ...),
-    so the model, C, E, B and the input scaling among others."""
-    return tuple((k, v) for k, v in asdict(config).items() if k not in MAY_DIFFER)
 
 
 def groups(configs: dict[int, FedAvgConfig]) -> list[list[int]]:
-    """The keys of ``configs`` (positions of runs) grouped by :func:`group_key`, in order of appearance."""
+    """The keys of ``configs`` (positions of runs) in batches that can be trained together
+    (``fedlib.engine.lockstep``), in order of appearance; a run that cannot be batched is alone."""
     found: dict[tuple, list[int]] = {}
     for i, config in configs.items():
-        found.setdefault(group_key(config), []).append(i)
+        key = ("alone", i) if refusal(config) else batch_key(config)
+        found.setdefault(key, []).append(i)
     return list(found.values())
-
-
-def _sweep_together(jobs: Sequence[Job], out_dir: Path, data_for, device: str, max_rounds: int | None,
-                    progress: bool) -> list[dict]:
-    """:func:`sweep` with the pending runs of each group trained as one (``run_many``)."""
-    caps = [round_cap_of(s, max_rounds) for s, _, _ in jobs]
-    results = [saved_result(s, lr, seed, cap, out_dir) for (s, lr, seed), cap in zip(jobs, caps)]
-    configs = {i: config_of(*jobs[i], caps[i], device) for i, r in enumerate(results) if r is None}
-    overall = tqdm(groups(configs), desc="reproduce", unit="group", disable=not progress, position=0)
-    for group in overall:
-        overall.set_postfix_str(f"{run_id(*jobs[group[0]])} and {len(group) - 1} more")
-        trained = train_group([jobs[i] for i in group], [configs[i] for i in group], out_dir,
-                              data_for(jobs[group[0]][0]), device, max_rounds, progress)
-        for i, result in zip(group, trained):
-            results[i] = result
-    return results
-
-
-def train_group(group: Sequence[Job], configs: Sequence[FedAvgConfig], out_dir: Path, data: Dataset,
-                device: str, max_rounds: int | None, progress: bool) -> list[dict]:
-    """Train the runs of one group together, each with its checkpoint, and save each result;
-    one at a time where ``run_many`` cannot batch them (``sweep_reason`` says why)."""
-    for setting, _, _ in group:
-        check_scaling(setting, data)
-    if sweep_reason(configs) is not None:
-        return [run_setting(s, lr, seed, out_dir, data, device, max_rounds, progress) for s, lr, seed in group]
-    histories = run_many(configs, data, progress=progress, checkpoint_every=CHECKPOINT_EVERY,
-                         checkpoints=[checkpoint_path(s, lr, seed, out_dir) for s, lr, seed in group])
-    return [save_result(s, lr, seed, config.rounds, history, out_dir, together=len(group))
-            for (s, lr, seed), config, history in zip(group, configs, histories)]
 
 
 # What a result file holds, with the type of each value (None allowed where a tuple says so).
@@ -418,25 +483,68 @@ RESULT_FIELDS = {"setting": dict, "lr": (int, float), "seed": int, "round_cap": 
                  "rounds_to_target": (int, float, type(None)), "reached": bool, "diverged": (bool, type(None)),
                  "rounds_run": int, "best_accuracy": (int, float, type(None)), "wall_seconds": (int, float),
                  "device": str, "versions": dict, "command": str, "together": (int, type(None)), "history": dict}
+OPTIONAL = ("diverged", "together")
 
 
 def load_result(path: str | Path) -> dict:
-    """One saved run; InputError names a file that is not a result of this runner."""
+    """One saved run, checked field by field (:func:`check_result`); InputError names a file that is
+    not a result of this runner and the first field that is wrong."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return check_result(load_json(path))
+    except (FileNotFoundError, InputError) as error:
         raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
-    wrong = [k for k, kind in RESULT_FIELDS.items() if not isinstance(data, dict) or not isinstance(data.get(k), kind)]
-    if not wrong and not isinstance(data["setting"].get("name"), str):
-        wrong = ["setting.name"]
-    if wrong:
-        raise InputError(f"{path} is not a reproduction result (missing or wrong: {', '.join(wrong)}); "
-                         "delete it to run it again")
+
+
+def check_result(data: object) -> dict:
+    """A result's fields, each of its type (RESULT_FIELDS; a bool is not a number) and in its range:
+    lr a rate eta, seed a seed, round_cap a number of rounds, rounds_run that of the history's
+    records, rounds_to_target None or a number of rounds in [1, rounds_run] and None exactly when
+    ``reached`` is false, best_accuracy the history's, wall_seconds finite and >= 0, versions names
+    to version strings, together None or >= 1; setting a Setting whose name is ``setting.name``;
+    history a History (:func:`fedlib.metrics.check_history`) of this run's configuration (its lr and
+    seed). Returns ``data``."""
+    if not isinstance(data, dict):
+        raise InputError(f"a result must be a mapping of its fields, got {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - set(RESULT_FIELDS)))
+    wrong = [k for k, kind in RESULT_FIELDS.items() if (k in data or k not in OPTIONAL)
+             and (not isinstance(data.get(k), kind) or (isinstance(data.get(k), bool) and bool not in _kinds(kind)))]
+    if unknown or wrong:
+        raise InputError(f"missing or wrong: {', '.join(wrong + unknown)}")
+    history = History.from_dict(data["history"])
     try:
-        History.from_dict(data["history"])
+        config = saved_config(history.config)
     except InputError as error:
-        raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
+        raise InputError(f"its history's config: {error}") from None
+    checks = [
+        ("lr", P.LR.contains(data["lr"]) and data["lr"] == config.lr, "a rate eta > 0, the history's"),
+        ("seed", P.SEED.contains(data["seed"]) and data["seed"] == config.seed, "a seed, the history's"),
+        ("round_cap", P.ROUNDS.contains(data["round_cap"]), "a number of rounds >= 1"),
+        ("rounds_run", data["rounds_run"] == len(history.records), f"the history's {len(history.records)} rounds"),
+        ("rounds_to_target", data["rounds_to_target"] is None or 1 <= data["rounds_to_target"] <= data["rounds_run"],
+         "None or a number of rounds in [1, rounds_run]"),
+        ("reached", data["reached"] == (data["rounds_to_target"] is not None), "whether rounds_to_target is given"),
+        ("best_accuracy", data["best_accuracy"] == history.best_accuracy, "the history's best accuracy"),
+        ("wall_seconds", 0 <= data["wall_seconds"] < math.inf, "a finite number of seconds >= 0"),
+        ("versions", all(isinstance(v, str) for v in data["versions"].values()), "names to version strings"),
+        ("together", data.get("together") is None or data["together"] >= 1, "None or a number of runs >= 1"),
+    ]
+    for field, ok, allowed in checks:
+        if not ok:
+            raise InputError(f"its {field} must be {allowed}, got {P.shown(data[field])}")
+    setting = data["setting"]
+    known = {f.name for f in dataclass_fields(Setting)}
+    try:
+        named = Setting(**{k: tuple(map(tuple, v)) if k == "knobs" else tuple(v) if k == "lrs" else v
+                           for k, v in setting.items() if k != "name"}).name
+    except (TypeError, ValueError):
+        named = None
+    if set(setting) - known - {"name"} or not isinstance(setting.get("name"), str) or named != setting["name"]:
+        raise InputError(f"its setting must be a setting of a table with its name, got name {P.shown(setting.get('name'))}")
     return data
+
+
+def _kinds(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
 
 
 def load_results(out_dir: str | Path) -> list[dict]:
@@ -456,19 +564,36 @@ def run_status(setting: Setting, lr: float, seed: int, out_dir: str | Path) -> s
     return "done"
 
 
-def best_per_setting(results: Iterable[dict]) -> dict[tuple[str, int], dict]:
-    """For each (setting name, seed): the run with the fewest rounds to target over the
-    learning-rate grid (the paper's choice); a reached run beats an unreached one, which
-    beats a diverged one."""
-    def score(r: dict) -> tuple[int, float]:
-        if r["reached"]:
-            return (0, r["rounds_to_target"])
-        return (2, 0.0) if r.get("diverged") else (1, 0.0)
+def score(runs: Sequence[dict | None]) -> tuple[int, float, int]:
+    """How good a grid point is over its seeds, smaller is better: first how many runs missed the
+    target (a run not yet done counts as missed), then the mean rounds to target of those that
+    reached it, then how many diverged. With one seed: the fewest rounds to target (the paper's
+    choice), and a run that did not reach the target beats one that diverged."""
+    done = [r for r in runs if r is not None]
+    reached = [r["rounds_to_target"] for r in done if r["reached"]]
+    return (len(runs) - len(reached), sum(reached) / len(reached) if reached else math.inf,
+            sum(bool(r.get("diverged")) for r in done))
 
+
+def best_point(results: Iterable[dict], settings: Sequence[Setting], seeds: Sequence[int]
+               ) -> tuple[Setting, float] | None:
+    """The (setting, eta) among ``settings`` x their grids with the best :func:`score` over
+    ``seeds``; None until every one of those runs is saved."""
+    by_run = {(r["setting"]["name"], r["lr"], r["seed"]): r for r in results}
+    points = [(s, lr) for s in settings for lr in s.learning_rates()]
+    runs = {(s.name, lr): [by_run.get((s.name, lr, seed)) for seed in seeds] for s, lr in points}
+    if not points or any(r is None for rs in runs.values() for r in rs):
+        return None
+    return min(points, key=lambda point: score(runs[(point[0].name, point[1])]))
+
+
+def best_per_setting(results: Iterable[dict]) -> dict[tuple[str, int], dict]:
+    """For each (setting name, seed): the run with the best :func:`score` over the
+    learning-rate grid (the paper's choice: the fewest rounds to target)."""
     best: dict[tuple[str, int], dict] = {}
     for r in results:
         key = (r["setting"]["name"], r["seed"])
-        if key not in best or score(r) < score(best[key]):
+        if key not in best or score([r]) < score([best[key]]):
             best[key] = r
     return best
 

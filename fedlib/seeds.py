@@ -14,8 +14,11 @@ partition       which examples each client holds         ``seed`` itself (numpy)
 init            the initial global weights w_0           ``seed`` itself (torch), once
 SAMPLING        S_t, the clients of round t              :func:`sampling_rng`
 SHUFFLING       client k's minibatches in round t        :func:`shuffle_generator`
-DROPOUT         the dropout masks of round t             :func:`dropout_seed`
-NOISE           DP-FedAvg's noise in round t             :func:`noise_generator`
+DROPOUT         the dropout masks of round t             :func:`dropout_seed`, :func:`dropout_generator`
+NOISE           DP-FedAvg's noise in round t             :func:`noise_generator` (only with
+                                                         ``dp_reproducible``: by default the noise
+                                                         and DP's sample come from the operating
+                                                         system, ``fedlib.privacy``)
 ==============  =======================================  ===============================
 
 Dropout: client k's masks in round t come from ``dropout_seed(seed, t, k)``. One client
@@ -64,6 +67,12 @@ def shuffle_generator(seed: int, t: int, k: int) -> torch.Generator:
 def dropout_seed(seed: int, t: int, k: int | None = None) -> int:
     """The seed of client k's dropout masks in round t (k=None: all clients of the round at once)."""
     return derive_seed(seed, Stream.DROPOUT, t) if k is None else derive_seed(seed, Stream.DROPOUT, t, int(k))
+
+
+def dropout_generator(seed: int, t: int, k: int) -> torch.Generator:
+    """Client k's dropout stream in round t, as a generator (the vectorised engine draws each
+    client's masks from it; the sequential engine seeds torch with :func:`dropout_seed`)."""
+    return torch.Generator().manual_seed(dropout_seed(seed, t, k))
 
 
 def noise_generator(seed: int, t: int) -> torch.Generator:

@@ -12,8 +12,9 @@ from fedlib.config import FedAvgConfig
 from fedlib.data import SCALINGS, Dataset, load_dataset
 from fedlib.models import INITS, build_model, initialize
 from fedlib.params import InputError
-from fedlib.server import initial_model, run
-from tests.test_data import write_fake_mnist
+from fedlib.runner import run
+from fedlib.server import initial_model
+from tests.helpers import write_fake_mnist
 
 
 # --- input scaling ---------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def tiny_unit_mnist():
 
 def test_an_ablation_run_saves_its_variant_and_command(tiny_unit_mnist, tmp_path):
     setting = next(s for s in R.ablation_settings() if s.name == "2nn-iid-C0.1-E1-B10-unit-glorot")
-    (result,) = R.sweep([setting], tmp_path, lrs=[0.1], seeds=[0], max_rounds=2, data=tiny_unit_mnist,
+    (result,) = R.sweep(R.jobs_of([setting], [0.1], [0]), tmp_path, max_rounds=2, data=tiny_unit_mnist,
                         progress=False)
     saved = json.loads((tmp_path / "2nn-iid-C0.1-E1-B10-unit-glorot-lr0.1-seed0.json").read_text())
     assert saved["command"] == ("python -m fedlib reproduce --table ablation --only 2nn-iid-C0.1-E1-B10-unit-glorot "
@@ -171,14 +172,14 @@ def test_an_ablation_run_saves_its_variant_and_command(tiny_unit_mnist, tmp_path
     assert (config["input_scaling"], config["init"], config["lr"]) == ("unit", "glorot-uniform", 0.1)
     assert saved["setting"]["variant"] == "unit-glorot" and result["rounds_run"] == 2
     # The same setting and seed trains the same way again: the file reproduces.
-    again = R.run_setting(setting, 0.1, 0, tmp_path / "again", tiny_unit_mnist, max_rounds=2, progress=False)
+    (again,) = R.sweep([(setting, 0.1, 0)], tmp_path / "again", max_rounds=2, data=tiny_unit_mnist, progress=False)
     assert again["history"]["records"][-1]["test_accuracy"] == saved["history"]["records"][-1]["test_accuracy"]
 
 
 def test_a_run_refuses_data_scaled_otherwise(tiny_unit_mnist, tmp_path):
     setting = next(s for s in R.ablation_settings() if s.name == "2nn-iid-C0.1-E1-B10-fedlib")
-    with pytest.raises(InputError, match="needs data scaled 'standardize', got 'unit'"):
-        R.run_setting(setting, 0.1, 0, tmp_path, tiny_unit_mnist, max_rounds=2, progress=False)
+    with pytest.raises(InputError, match="the data is scaled 'unit' but input_scaling is 'standardize'"):
+        R.sweep([(setting, 0.1, 0)], tmp_path, max_rounds=2, data=tiny_unit_mnist, progress=False)
 
 
 def test_training_with_unit_inputs_matches_a_run_on_rescaled_data(tiny_unit_mnist):
@@ -196,8 +197,9 @@ def test_list_without_a_table_shows_every_table_and_the_ablation(tmp_path, capsy
     assert main(["reproduce", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith("# table")] == [
-        "# table 1 (results/reproduce)", "# table 2 (results/reproduce)", "# table ablation (results/ablation)"]
-    ablation = lines[lines.index("# table ablation (results/ablation)") + 1:]
+        "# table 1 (results/reproduce)", "# table 2 (results/reproduce)", "# table ablation (results/ablation)",
+        "# table beyond (results/beyond)"]
+    ablation = lines[lines.index("# table ablation (results/ablation)") + 1:lines.index("# table beyond (results/beyond)")]
     planned = sum(len(s.learning_rates()) * len(s.seeds()) for s in R.ablation_settings())
     assert sum(line.startswith("pending 2nn-") for line in ablation) == planned
     assert ablation[-1] == f"# 0 done, {planned} pending, 0 corrupt, 0 extra"
@@ -209,7 +211,7 @@ def test_list_without_a_table_shows_every_table_and_the_ablation(tmp_path, capsy
 
 def test_the_ablation_compares_with_the_paper_like_a_table(tiny_unit_mnist, tmp_path, capsys):
     setting = next(s for s in R.ablation_settings() if s.name == "2nn-iid-C0.1-E1-B10-unit")
-    R.sweep([setting], tmp_path, lrs=[0.1], seeds=[0], max_rounds=2, data=tiny_unit_mnist, progress=False)
+    R.sweep(R.jobs_of([setting], [0.1], [0]), tmp_path, max_rounds=2, data=tiny_unit_mnist, progress=False)
     rows = {r["setting"]: r for r in R.comparison_rows("ablation", tmp_path)}
     assert set(rows) == {s.name for s in R.ablation_settings()}
     assert rows[setting.name]["variant"] == "unit" and rows[setting.name]["paper"] == 87

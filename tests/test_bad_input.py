@@ -22,40 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedlib.server
+import fedlib.runner
 from fedlib.cli import main
 from fedlib.files import atomic_write_text, remove_stale_temps
 from fedlib.params import InputError
-from fedlib.server import FedAvgConfig
-from tests.test_data import write_fake_mnist
+from fedlib.config import FedAvgConfig
+from tests.helpers import one_line_error, write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--clients", "10", "--frac", "0.2", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture
-def fake_data(tmp_path, monkeypatch):
-    """A fake MNIST of 200 training images under FEDLIB_DATA; the working folder is tmp_path."""
-    write_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
-    monkeypatch.setenv("FEDLIB_DATA", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Make any training fail the test: bad input must be refused before it starts."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the input was bad")
-    monkeypatch.setattr(fedlib.server, "run_round", refuse)
-
-
-def one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # --- flags out of range: every parameter, every kind of wrong value --------------------------
@@ -275,17 +250,17 @@ def test_the_flower_deployment_refuses_bad_flags_with_one_line(capsys, argv, fra
 def test_a_bug_keeps_its_traceback(fake_data, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("an internal mistake")
-    monkeypatch.setattr(fedlib.server, "run_round", broken)
+    monkeypatch.setattr(fedlib.runner, "rounds", broken)
     with pytest.raises(ValueError, match="an internal mistake"):
         main(["train", "--rounds", "1", *TINY])
 
 
 def test_a_run_that_diverges_before_its_first_evaluation_ends_cleanly(fake_data, capsys):
     """--eval-every 5 and a learning rate that diverges at once: the run stops in round 1,
-    evaluates the model it stopped with, and summarises it (this used to crash)."""
+    evaluates the model it stopped with, and says that it diverged (exit status 3; this used to crash)."""
     with pytest.warns(UserWarning, match="diverged in round 1"):
-        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 0
-    assert "after 1 rounds" in capsys.readouterr().out
+        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 3
+    assert "training DIVERGED in round 1" in capsys.readouterr().out
 
 
 # --- files are written whole, with the usual mode, through links, without leftovers --------------
@@ -352,9 +327,10 @@ def train_command(checkpoint: Path | None, out: Path | None, progress: bool = Fa
     return command + (["--out", str(out)] if out else [])
 
 
-def interrupt(command: list[str], sig: int, rounds: int = 5) -> tuple[int, str]:
+def interrupt(command: list[str], sig: int, rounds: int = 5, again: tuple[float, ...] = ()) -> tuple[int, str]:
     """Start ``command`` (with its progress bar on stderr), send it ``sig`` once the bar shows
-    ``rounds`` rounds done; return the exit status and the last line it wrote to stderr."""
+    ``rounds`` rounds done, and again after each of the pauses ``again`` (seconds); return the exit
+    status and the last line it wrote to stderr (a traceback anywhere fails the test)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = bytearray()
@@ -365,8 +341,13 @@ def interrupt(command: list[str], sig: int, rounds: int = 5) -> tuple[int, str]:
         assert chunk and time.monotonic() < deadline, f"the run ended or stalled before round {rounds}: {seen!r}"
         seen += chunk
     process.send_signal(sig)
+    for pause in again:
+        time.sleep(pause)
+        process.send_signal(sig)                 # a no-op once the process has ended
     _, rest = process.communicate(timeout=120)
-    lines = re.split(r"[\r\n]+", (seen + rest).decode().strip())
+    text = (seen + rest).decode()
+    assert "Traceback" not in text, text
+    lines = re.split(r"[\r\n]+", text.strip())
     return process.returncode, lines[-1]
 
 
@@ -389,6 +370,19 @@ def test_ctrl_c_saves_the_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     assert strip(resumed) == strip(fresh)
 
 
+@pytest.mark.parametrize("again", [(0.05,), (0.01, 0.02, 0.03, 0.05, 0.1)], ids=["twice-50ms", "six-times"])
+def test_more_ctrl_c_while_saving_still_save_whole_and_print_one_line(slow_data, again):
+    """A second Ctrl-C 50 ms after the first (and a volley of them) lands while the checkpoint is
+    saved or the line printed: the save completes, one line says so, and the run resumes from it."""
+    checkpoint, resumed = slow_data / "run.ckpt", slow_data / "resumed.json"
+    code, err = interrupt(train_command(checkpoint, resumed, progress=True), signal.SIGINT, again=again)
+    assert code == 130 and "run the same command again to resume" in err, err
+    done = int(err.split("interrupted after round ")[1].split(",")[0])
+    assert saved_rounds(checkpoint) == done > 0 and not list(slow_data.glob(".*.tmp"))
+    subprocess.run(train_command(checkpoint, resumed), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert len(json.loads(resumed.read_text())["records"]) == 150
+
+
 def test_sigterm_saves_the_checkpoint_too(slow_data):
     checkpoint = slow_data / "run.ckpt"
     code, err = interrupt(train_command(checkpoint, None, progress=True), signal.SIGTERM)
@@ -399,4 +393,4 @@ def test_sigterm_saves_the_checkpoint_too(slow_data):
 
 def test_an_interrupted_run_without_checkpoint_says_nothing_was_saved(slow_data):
     code, err = interrupt(train_command(None, None, progress=True), signal.SIGINT)
-    assert code == 130 and "nothing was saved (--checkpoint FILE makes a run resumable)" in err, err
+    assert code == 130 and "nothing was saved (a checkpoint makes a run resumable: --checkpoint FILE" in err, err

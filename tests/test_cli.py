@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedlib.cli import main
-from tests.test_data import write_fake_mnist
+from tests.helpers import write_fake_mnist
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -19,7 +19,9 @@ from tests.test_data import write_fake_mnist
     (["train", "--batch-size", "ten"], "--batch-size: expected an integer, got 'ten'"),
     (["train", "--lr", "0"], "--lr: must be a finite number > 0, got 0"),
     (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["train", "--partition", "shards", "--clients", "70000"], "num_clients * shards_per_client must be <= the number of examples (100), got 70000 * 2"),
+    (["train", "--partition", "shards", "--clients", "70000"], "num_clients (K) must be <= the number of examples (100), got 70000"),
+    (["train", "--partition", "shards", "--clients", "60", "--shards-per-client", "2"],
+     "num_clients * shards_per_client must be <= the number of examples (100), got 60 * 2"),
     (["train", "--rounds", "1", "--bogus"], "unrecognized arguments: --bogus"),
     (["plot", "missing.json", "--out", "x.png"], "no such run file: missing.json"),
     ([], "the following arguments are required: command"),

@@ -1,7 +1,6 @@
 """The loader: IDX and CIFAR files written by the tests, the missing-data message, real MNIST."""
 
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,26 +9,7 @@ import torch
 import torchvision
 
 from fedlib.data import DatasetNotFoundError, data_root, load_dataset
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in the IDX format of the MNIST files (magic 0x0800 | ndim)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 50, n_test: int = 20):
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-        "t10k-labels-idx1-ubyte": (np.arange(n_test) * 3) % 10,
-    }
-    for name, array in arrays.items():
-        write_idx(root / folder / "raw" / name, array)
-    return arrays
+from tests.helpers import write_fake_mnist, write_idx
 
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])

@@ -58,12 +58,13 @@ import torch
 from torch import nn
 
 import fedlib.engine
-import fedlib.server
+import fedlib.backends
 from fedlib import Dataset, FedAvgConfig, build_model, run
 from fedlib.engine import StackedResult, batch_schedule, vectorized_local_updates
-from fedlib.models import has_dropout
-from fedlib.seeds import dropout_seed, sampling_rng, shuffle_generator
-from fedlib.server import fedavg, initial_model, resolve_engine, run_round, sample_clients, weighted_mean
+from fedlib.seeds import sampling_rng
+from fedlib.backends import resolve_engine
+from fedlib.server import initial_model, sample_clients
+from tests.helpers import run_round
 
 U = {torch.float64: torch.finfo(torch.float64).eps / 2, torch.float32: torch.finfo(torch.float32).eps / 2}
 
@@ -129,22 +130,8 @@ class Round:
         self.steps = max(e * (math.ceil(n_k / b) if b else 1) for n_k in sizes)      # S
 
     def train(self, engine: str) -> tuple[dict, float]:
-        if engine == "vectorized" and has_dropout(self.model):
-            return self.vectorized_with_client_dropout()
         return run_round(self.model, self.w_t, self.data, self.client_indices, self.selected, self.config, 1,
                          engine)
-
-    def vectorized_with_client_dropout(self) -> tuple[dict, float]:
-        """run_round's vectorized round with each client's dropout stream passed to the engine
-        (as fedlib.server passes it once wired: see tests/test_engine_batched.py)."""
-        c, t = self.config, 1
-        result = fedlib.server.vectorized_local_updates(
-            self.model, self.data.x_train, self.data.y_train, [self.client_indices[k] for k in self.selected],
-            [shuffle_generator(c.seed, t, k) for k in self.selected], weights=self.w_t, epochs=c.local_epochs,
-            batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, mu=c.mu,
-            dropout_generators=[torch.Generator().manual_seed(dropout_seed(c.seed, t, k)) for k in self.selected])
-        n = [int(v) for v in result.num_examples]
-        return fedavg([result.client(i) for i in range(len(n))], n), weighted_mean(result.train_loss.tolist(), n)
 
 
 def float64_bound(r: Round, w_next: dict) -> float:
@@ -218,12 +205,12 @@ def test_float32_bound_separates_rounding_from_real_differences(small, case):
 
 def unweighted_average(monkeypatch):
     """Report n_k = 1 for every client, so the server averages with 1/m instead of n_k / m_t."""
-    original = fedlib.server.vectorized_local_updates
+    original = fedlib.backends.vectorized_local_updates
 
     def updates(*args, **kwargs):
         result = original(*args, **kwargs)
         return StackedResult(result.weights, torch.ones_like(result.num_examples), result.train_loss, result.steps)
-    monkeypatch.setattr(fedlib.server, "vectorized_local_updates", updates)
+    monkeypatch.setattr(fedlib.backends, "vectorized_local_updates", updates)
 
 
 def last_batch_skipped(monkeypatch):
@@ -241,23 +228,23 @@ def last_batch_skipped(monkeypatch):
 
 def one_client_reshuffled(monkeypatch):
     """Give the round's first client another shuffle than the sequential engine's."""
-    original = fedlib.server.vectorized_local_updates
+    original = fedlib.backends.vectorized_local_updates
 
     def updates(model, x, y, client_indices, generators, **kwargs):
         generators = [torch.Generator().manual_seed(12345)] + list(generators[1:])
         return original(model, x, y, client_indices, generators, **kwargs)
-    monkeypatch.setattr(fedlib.server, "vectorized_local_updates", updates)
+    monkeypatch.setattr(fedlib.backends, "vectorized_local_updates", updates)
 
 
 def dropout_masks_swapped(monkeypatch):
     """Give the round's first two clients each other's dropout streams."""
-    original = fedlib.server.vectorized_local_updates
+    original = fedlib.backends.vectorized_local_updates
 
     def updates(*args, dropout_generators=None, **kwargs):
         if dropout_generators is not None and len(dropout_generators) > 1:
             dropout_generators = [dropout_generators[1], dropout_generators[0]] + list(dropout_generators[2:])
         return original(*args, dropout_generators=dropout_generators, **kwargs)
-    monkeypatch.setattr(fedlib.server, "vectorized_local_updates", updates)
+    monkeypatch.setattr(fedlib.backends, "vectorized_local_updates", updates)
 
 
 WRONG_ENGINES = {"unweighted-average": unweighted_average, "last-batch-skipped": last_batch_skipped,
@@ -302,6 +289,7 @@ def test_clients_in_groups_equal_clients_at_once(small):
         shuffles = [torch.Generator().manual_seed(i) for i in range(5)]
         return vectorized_local_updates(model, data.x_train, data.y_train, clients, shuffles, epochs=2,
                                         batch_size=10, lr=0.1, weights=model.state_dict(),
+                                        dropout_generators=[torch.Generator() for _ in range(5)],
                                         max_examples_per_step=max_examples_per_step)
     together, in_groups = train(None), train(20)            # groups of 2 clients
     steps = 2 * math.ceil(70 / 10)
@@ -342,14 +330,16 @@ def test_dropout_draws_independent_masks_per_client(small, model_name):
     same = [torch.arange(40)] * 2                            # two clients, same data, same batches
     result = vectorized_local_updates(model, small.x_train, small.y_train, same,
                                       [torch.Generator().manual_seed(1) for _ in range(2)],
-                                      epochs=1, batch_size=10, lr=0.1)
+                                      epochs=1, batch_size=10, lr=0.1,
+                                      dropout_generators=[torch.Generator().manual_seed(k) for k in (7, 8)])
     first, second = result.client(0), result.client(1)
     assert all(torch.isfinite(w).all() for w in first.values())
     assert any(not torch.equal(first[name], second[name]) for name in first)
     # Without dropout the same data and batches give the same weights.
     twin = vectorized_local_updates(build_model("2nn"), small.x_train, small.y_train, same,
                                     [torch.Generator().manual_seed(1) for _ in range(2)],
-                                    epochs=1, batch_size=10, lr=0.1)
+                                    epochs=1, batch_size=10, lr=0.1,
+                                    dropout_generators=[torch.Generator().manual_seed(k) for k in (7, 8)])
     assert all(torch.equal(twin.client(0)[n], twin.client(1)[n]) for n in twin.weights)
 
 

@@ -1,6 +1,6 @@
-"""Many runs trained as one (``fedlib.engine.sweep.run_many``) give each run its own History.
+"""Many runs in lockstep (``fedlib.run_many``, ``fedlib.engine.lockstep``) give each run its own History.
 
-Each run of a batched sweep must be the run ``fedlib.run(config)`` makes: the same clients
+Each run trained in lockstep must be the run ``fedlib.run(config)`` makes: the same clients
 every round, the same test accuracies, and weights equal up to float rounding. Checked in
 float64 with the bound of ``tests/test_engine.py``: T rounds of S steps, each made of sums
 of at most n terms, may move the weights by about T S n u max|w| (u = 2^-53).
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib import Dataset, FedAvgConfig, run
-from fedlib.engine.sweep import run_many, sweep_reason
+from fedlib import Dataset, FedAvgConfig, RunInterrupted, run, run_many
+from fedlib.engine.lockstep import batch_key, refusal
 
 U64 = torch.finfo(torch.float64).eps / 2
 
@@ -54,6 +54,20 @@ def test_a_sweep_gives_each_run_its_own_history(small):
     assert len(histories[3].records) < 5            # reached its target and dropped out
 
 
+def test_runs_of_different_methods_train_in_lockstep(small):
+    """The server side of a method (SCAFFOLD's control variates, a server optimizer) is each run's
+    own; only the clients' training is shared."""
+    configs = [FedAvgConfig(**BASE, lr=0.1, seed=1, strategy="scaffold"),
+               FedAvgConfig(**BASE, lr=0.1, seed=2, strategy="fedavgm", server_lr=0.5),
+               FedAvgConfig(**BASE, lr=0.05, seed=3, strategy="fedadam", server_lr=0.01),
+               FedAvgConfig(**BASE, lr=0.1, seed=4)]
+    histories = run_many(configs, small, progress=False)
+    for config, history in zip(configs, histories):
+        alone = run(FedAvgConfig(**vars(config) | dict(engine="vectorized")), small, progress=False)
+        assert history.config["strategy"] == config.strategy
+        assert_same_run(history, alone, steps_per_round=10, longest_sum=784)
+
+
 def test_a_dropout_sweep_equals_sequential_runs(small):
     """A dropout model: every client draws its masks from dropout_seed(seed, t, k), as the
     sequential engine does, so each run of the sweep is that engine's run."""
@@ -75,8 +89,9 @@ def test_an_interrupted_sweep_resumes_where_each_run_stopped(small, tmp_path):
         calls.append(i)
         if len(calls) == 3:                        # run 0 has 2 rounds, run 1 one
             raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as stopped:
         run_many(configs, small, progress=False, checkpoints=paths, checkpoint_every=1, on_round=stop)
+    assert stopped.value.saved == paths and "run the same command again to resume" in str(stopped.value)
     resumed = run_many(configs, small, progress=False, checkpoints=paths)
     for a, b in zip(resumed, full):
         assert [r.clients for r in a.records] == [r.clients for r in b.records]
@@ -85,10 +100,15 @@ def test_an_interrupted_sweep_resumes_where_each_run_stopped(small, tmp_path):
 
 def test_runs_that_cannot_share_steps_are_refused(small):
     base = FedAvgConfig(**BASE)
-    assert sweep_reason([base, FedAvgConfig(**BASE, lr=0.3, seed=9, partition="shards")]) is None
-    assert "local_epochs" in sweep_reason([base, FedAvgConfig(**BASE | dict(local_epochs=2))])
-    assert "model" in sweep_reason([base, FedAvgConfig(**BASE | dict(model="cnn-small"))])
-    assert "SCAFFOLD" in sweep_reason([base, FedAvgConfig(**BASE, scaffold=True)])
-    assert "sequential" in sweep_reason([base, FedAvgConfig(**BASE, engine="sequential")])
+    assert batch_key(base) == batch_key(FedAvgConfig(**BASE, lr=0.3, seed=9, partition="shards",
+                                                     strategy="fedadam"))
+    assert batch_key(base) != batch_key(FedAvgConfig(**BASE | dict(local_epochs=2)))
+    assert batch_key(base) != batch_key(FedAvgConfig(**BASE | dict(model="cnn-small")))
+    assert batch_key(base) != batch_key(FedAvgConfig(**BASE, strategy="fedprox", mu=0.1))
+    assert refusal(base) is None and refusal(FedAvgConfig(**BASE, strategy="scaffold")) is None
+    assert "entropy" in refusal(FedAvgConfig(**BASE, strategy="dp-fedavg"))            # refused by its type
+    assert "sequential" in refusal(FedAvgConfig(**BASE, engine="sequential"))
     with pytest.raises(ValueError, match="cannot be trained together"):
         run_many([base, FedAvgConfig(**BASE | dict(batch_size=20))], small, progress=False)
+    with pytest.raises(ValueError, match="cannot be trained together: strategy 'dp-fedavg'"):
+        run_many([base, FedAvgConfig(**BASE, strategy="dp-fedavg")], small, progress=False)

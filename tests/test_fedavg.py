@@ -8,7 +8,10 @@ from torch.nn import functional as F
 from fedlib.client import epoch_batches, local_update
 from fedlib.data import Dataset
 from fedlib.models import build_model
-from fedlib.server import FedAvgConfig, fedavg, num_selected, run, run_round, sample_clients
+from fedlib.config import FedAvgConfig
+from fedlib.runner import run
+from fedlib.server import fedavg, num_selected, sample_clients
+from tests.helpers import U64, assert_within_rounding, run_round, sgd_by_hand, small_data
 
 
 def test_fedavg_matches_a_hand_computation():
@@ -62,39 +65,6 @@ def test_epoch_batches_cover_the_client_once_per_epoch():
     assert [len(b) for b in batches] == [10, 10, 5]
     assert sorted(torch.cat(batches).tolist()) == list(range(25))
     assert len(epoch_batches(25, None)) == 1        # B = infinity: one batch
-
-
-U64 = torch.finfo(torch.float64).eps / 2     # float64's unit roundoff, 1.1e-16
-
-
-def small_data(n=120, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return Dataset("mnist", x, y, x[:40], y[:40], [str(i) for i in range(10)])
-
-
-def assert_within_rounding(got: dict, expected: dict, steps: int, longest_sum: int = 784) -> None:
-    """float64 results that differ only in how sums are grouped: by at most about
-    steps * n * u * max|w| (n terms in the longest sum; Higham 2002, section 4.2)."""
-    for name, value in expected.items():
-        bound = steps * longest_sum * U64 * value.abs().max().item()
-        assert (got[name] - value).abs().max().item() <= bound, name
-
-
-def sgd_by_hand(x, y, w0, epochs, batch_size, lr, seed, extra=lambda name, p: 0.0) -> dict:
-    """E epochs of minibatch SGD on (x, y) from w0, each step written out: w <- w - lr (g + extra)."""
-    reference = build_model("2nn").double()
-    reference.load_state_dict(w0)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in epoch_batches(len(y), batch_size, generator):
-            reference.zero_grad()
-            F.cross_entropy(reference(x[batch]), y[batch]).backward()
-            with torch.no_grad():
-                for name, p in reference.named_parameters():
-                    p -= lr * (p.grad + extra(name, p))
-    return reference.state_dict()
 
 
 def test_local_update_is_E_epochs_of_minibatch_sgd():
@@ -187,5 +157,7 @@ def test_a_diverging_run_stops_with_a_warning():
     config = FedAvgConfig(num_clients=4, frac=1.0, rounds=20, batch_size=None, lr=1e12, device="cpu")
     with pytest.warns(UserWarning, match="diverged"):
         history = run(config, data, progress=False)
-    assert 1 <= len(history.records) < 20
-    assert not np.isfinite(history.records[-1].train_loss)
+    assert 1 <= len(history.records) < 20 and history.diverged
+    last = history.records[-1]
+    assert not np.isfinite(last.train_loss) or not np.isfinite(last.test_loss)   # the clients' loss, or w_{t+1}
+    assert all(np.isfinite(r.train_loss) and np.isfinite(r.test_loss) for r in history.records[:-1])

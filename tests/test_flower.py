@@ -9,6 +9,7 @@ bounded in time by its own timeout. The module is skipped when the ``flower`` ex
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 import fedlib  # noqa: E402
 from fedlib.flower.task import from_record, to_record  # noqa: E402
 from fedlib.params import InputError  # noqa: E402
-from fedlib.server import FedAvgConfig  # noqa: E402
+from fedlib.config import FedAvgConfig  # noqa: E402
 
 def processes_using(workdir: Path) -> list[str]:
     """Command lines of live processes whose FLWR_HOME lies in ``workdir`` (what a federation started)."""
@@ -41,13 +42,44 @@ def processes_using(workdir: Path) -> list[str]:
 # --- configuration: fast, no processes ------------------------------------------------------
 
 
-def test_record_round_trip_keeps_every_knob():
-    config = FedAvgConfig(partition="shards", num_clients=50, frac=0.2, local_epochs=5, batch_size=None,
-                          lr=0.05, rounds=7, seed=3, device="cpu", engine="sequential")
-    record = to_record(config)
-    assert record["batch-size"] == "inf" and record["local-epochs"] == 5 and "shard-size" not in record
-    assert all(isinstance(v, (bool, int, float, str)) for v in record.values())
-    assert from_record(record) == config
+# A configuration per strategy with every field set away from its default where the strategy allows:
+# together they change every field of FedAvgConfig (checked below, so a new field must be added here).
+GENERAL = dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", num_clients=50, frac=0.3,
+               local_epochs=3, batch_size=None, lr=0.05, rounds=7, seed=3, eval_every=2, device="cpu",
+               engine="sequential", momentum=0.5, weight_decay=1e-4, input_scaling="unit", init="glorot-uniform",
+               shards_per_client=3, shard_size=100, alpha=0.3, min_size=5, sigma=0.5, target=0.9,
+               stop_at_target=True)
+METHODS = [dict(strategy="fedprox", mu=0.25), dict(strategy="fedavgm", server_lr=0.7, server_momentum=0.6),
+           dict(strategy="fedadam", server_lr=0.003, server_beta1=0.8, server_beta2=0.95, server_tau=1e-4),
+           dict(strategy="fedyogi", server_lr=0.02), dict(strategy="dp-fedavg", dp_clip=0.7, dp_noise=1.3,
+                                                          dp_reproducible=True),
+           dict(strategy="scaffold", momentum=0.0, weight_decay=0.0), dict()]
+
+
+def test_every_field_of_every_config_survives_the_trip_to_flower_and_back():
+    configs = [FedAvgConfig(**GENERAL | method).validate() for method in METHODS]
+    changed = {f.name for c in configs for f in dataclasses.fields(FedAvgConfig)
+               if getattr(c, f.name) != f.default}
+    assert changed == {f.name for f in dataclasses.fields(FedAvgConfig)}, "a field no config here changes"
+    for config in configs + [FedAvgConfig()]:
+        record = to_record(config)
+        assert all(isinstance(v, (bool, int, float, str)) for v in record.values())
+        back = from_record(record)
+        for f in dataclasses.fields(FedAvgConfig):                # field by field, types included
+            assert getattr(back, f.name) == getattr(config, f.name), f.name
+            assert type(getattr(back, f.name)) is type(getattr(config, f.name)), f.name
+    assert to_record(FedAvgConfig())["batch-size"] == 10 and to_record(FedAvgConfig(batch_size=None))["batch-size"] == "inf"
+    assert to_record(FedAvgConfig())["mu"] == "default"
+
+
+def test_the_apps_run_config_lists_every_field_with_fedlibs_defaults():
+    """Flower accepts a run-config override only for a key the app's pyproject.toml lists."""
+    import tomllib
+
+    app = tomllib.loads((Path(fedlib.__file__).parent / "flower" / "pyproject.toml").read_text())
+    listed = app["tool"]["flwr"]["app"]["config"]
+    assert {k: v for k, v in listed.items() if k not in ("min-nodes", "history-path")} == \
+        to_record(FedAvgConfig()) | {"rounds": 5}
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -57,24 +89,13 @@ def test_record_round_trip_keeps_every_knob():
     ("partition", "zipf", "partition must be one of"),
     ("local-epochs", 0, "local-epochs must be an integer >= 1, got 0"),
     ("batch-size", "ten", "batch-size expected an integer, got 'ten'"),
+    ("stop-at-target", "yes", "stop-at-target must be true or false"),
+    ("learning-rate", 0.1, "keys that are not fedlib parameters: \\['learning-rate'\\]"),
+    ("mu", 0.1, "mu is a parameter of fedprox"),
 ])
 def test_record_with_a_bad_value_names_the_parameter(key, value, message):
     with pytest.raises(InputError, match=message):
         from_record({**to_record(FedAvgConfig()), key: value})
-
-
-def test_a_round_summary_names_the_clients_that_replied_and_weighs_their_loss():
-    from flwr.app import ConfigRecord, MetricRecord, RecordDict
-
-    from fedlib.flower.server_app import round_summary
-
-    def reply(k: int, n_k: int, loss: float) -> RecordDict:
-        return RecordDict({"metrics": MetricRecord({"num-examples": n_k, "train-loss": loss}),
-                           "client": ConfigRecord({"partition-id": k})})
-    clients, loss = round_summary([reply(7, 300, 1.0), reply(2, 100, 2.0)])
-    assert clients == [2, 7] and loss == pytest.approx((300 * 1.0 + 100 * 2.0) / 400)
-    clients, loss = round_summary([])                 # every sampled node failed
-    assert clients == [] and math.isnan(loss)
 
 
 def test_the_run_config_file_carries_any_value_safely():
@@ -96,46 +117,32 @@ def test_the_run_config_file_carries_any_value_safely():
 
 @pytest.mark.slow
 @pytest.mark.flower
-def test_simulation_with_all_clients_reproduces_fedlib(mnist):
-    """With C = 1 nothing is sampled, so Flower and fedlib run the very same computation:
-    same w_0, same partition, same per-client shuffles, the same n_k-weighted sum in the same
-    client order. Both train with one thread (float results depend on the thread count), and
-    then the two runs agree bit for bit."""
+def test_simulation_runs_every_method_as_fedlib_does_bit_for_bit(mnist):
+    """Flower is only the backend of fedlib's loop: the strategy draws S_t from the seed, the clients
+    train with local_update (with FedProx's mu and SCAFFOLD's correction sent in the message), and
+    the server averages in client order. With one thread per client, as in the sequential engine
+    here, every method's run on Flower equals fedlib.run's to the last bit."""
     from fedlib.flower.simulation import simulate
 
-    config = FedAvgConfig(num_clients=5, frac=1.0, rounds=2, batch_size=50, seed=0, device="cpu",
-                          engine="sequential")
+    base = dict(num_clients=5, frac=0.4, rounds=2, batch_size=50, seed=0, device="cpu", engine="sequential")
+    configs = [FedAvgConfig(**base | dict(frac=1.0)), FedAvgConfig(**base, strategy="fedprox", mu=0.1),
+               FedAvgConfig(**base, strategy="scaffold"), FedAvgConfig(**base, strategy="fedadam", server_lr=0.01)]
     previous = torch.get_num_threads()
     fedlib.set_threads(1)
     try:
-        reference = fedlib.run(config, mnist, progress=False)
+        references = [fedlib.run(config, mnist, progress=False) for config in configs]
     finally:
         torch.set_num_threads(previous)
-    result = simulate(config, num_cpus=2)
-    flower = result.history
-    assert [r.clients for r in flower.records] == [[0, 1, 2, 3, 4]] * 2
-    assert flower.accuracies == reference.accuracies
-    ours, theirs = reference.model.state_dict(), flower.model.state_dict()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert [r.train_loss for r in flower.records] == pytest.approx([r.train_loss for r in reference.records],
-                                                                   rel=1e-9)
+    result = simulate(configs, num_cpus=2)
+    for config, reference, flower in zip(configs, references, result.histories):
+        assert flower.config["strategy"] == config.strategy and flower.config["engine_used"] == "flower"
+        assert [r.clients for r in flower.records] == [r.clients for r in reference.records]
+        assert flower.accuracies == reference.accuracies
+        assert [r.train_loss for r in flower.records] == [r.train_loss for r in reference.records]
+        ours, theirs = reference.model.state_dict(), flower.model.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), config.strategy
+    assert result.histories[0].records[0].clients == [0, 1, 2, 3, 4]
     assert result.ray_start_seconds > 0 and result.peak_memory_bytes > 100 * 2**20
-
-
-@pytest.mark.slow
-@pytest.mark.flower
-def test_simulation_of_the_paper_setting_is_close_to_fedlib(mnist):
-    """K = 100, C = 0.1, IID, 2NN, E = 1, B = 10: Flower samples its 10 clients per round with
-    its own random generator, so the curves differ by sampling noise only. After 5 rounds the
-    test accuracies agree within 2 points (measured gap: a few tenths of a point)."""
-    from fedlib.flower.simulation import simulate
-
-    config = FedAvgConfig(num_clients=100, frac=0.1, rounds=5, seed=0, device="cpu")
-    reference = fedlib.run(config, mnist, progress=False)
-    flower = simulate(config, num_cpus=2).history
-    assert [len(r.clients) for r in flower.records] == [10] * 5
-    assert abs(flower.final_accuracy - reference.final_accuracy) <= 0.02
-    assert flower.final_accuracy > 0.9
 
 
 # --- deployment: real processes --------------------------------------------------------------
@@ -160,8 +167,7 @@ def test_deploy_three_supernodes_two_rounds(tmp_path):
     history = fedlib.History.load(out)
     assert [r.round for r in history.records] == [1, 2]
     assert [r.clients for r in history.records] == [[0, 1, 2], [0, 1, 2]]
-    assert history.final_accuracy > 0.7
-    assert "Received 3 results and 0 failures" in done.stdout
+    assert history.final_accuracy > 0.7 and history.config["engine_used"] == "flower"
     workdir = _workdir(done.stdout)
     assert not workdir.exists() and processes_using(workdir) == []
 
@@ -169,11 +175,10 @@ def test_deploy_three_supernodes_two_rounds(tmp_path):
 @pytest.mark.slow
 @pytest.mark.flower
 def test_run_finishes_without_a_stopped_supernode():
-    """SuperNode 0 is stopped (SIGTERM) as soon as round 2 has begun, after the strategy sent it
-    the round's message. A stopped SuperNode tells the SuperLink that it leaves, so the message
-    comes back at once as an error ("Node Unavailable"), and FedAvg averages the two replies it
-    got. (A round that began later would sample only the SuperNodes still connected.) (A SuperNode killed without warning is noticed only when
-    it misses its heartbeats: 2 x 30 s in Flower 1.42.)"""
+    """SuperNode 0 is stopped (SIGTERM) as soon as round 2 has begun, after the server sent it the
+    round's message. A stopped SuperNode tells the SuperLink that it leaves, so the message comes
+    back at once as an error, and the round averages the two updates it got. (A SuperNode killed
+    without warning is noticed only when it misses its heartbeats: 2 x 30 s in Flower 1.42.)"""
     from fedlib.flower.deploy import LocalFederation
 
     with LocalFederation(3, num_clients=100, log="none") as federation:
@@ -184,9 +189,6 @@ def test_run_finishes_without_a_stopped_supernode():
     assert [r.round for r in history.records] == [1, 2]
     assert history.records[0].clients == [0, 1, 2]
     assert history.records[1].clients == [1, 2]
-    assert any("Sampled 3 nodes (out of 3)" in line for line in result.log)
-    assert any("Received 2 results and 1 failures" in line for line in result.log)
-    assert any("Node Unavailable" in line for line in result.log)
     assert all(r.test_accuracy > 0.5 for r in history.records)
     assert not workdir.exists() and processes_using(workdir) == []
 
@@ -206,7 +208,6 @@ def test_a_round_in_which_every_node_fails_records_no_clients():
     assert math.isfinite(first.train_loss) and math.isnan(second.train_loss)
     assert second.bytes_uploaded == first.bytes_uploaded
     assert second.test_accuracy == first.test_accuracy
-    assert any("Received 0 results and 1 failures" in line for line in result.log)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedlib.models import MODELS, build_model, count_parameters, has_dropout, model_bytes
+from fedlib.models import LANGUAGE_MODELS, MODELS, build_model, count_parameters, has_dropout, model_bytes
 
 
 @pytest.mark.parametrize("name, params", [
@@ -12,16 +12,22 @@ from fedlib.models import MODELS, build_model, count_parameters, has_dropout, mo
     ("mlp", 159_010),
     ("cnn-small", 21_840),
     ("cifar-cnn", 62_006),
-])
+])                           # the LSTMs' counts, for Shakespeare's 98 symbols: tests/test_shakespeare.py
 def test_parameter_counts(name, params):
     assert count_parameters(build_model(name)) == params
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - set(LANGUAGE_MODELS)))
 def test_forward_gives_logits_for_a_batch(name):
     shape = (3, 32, 32) if name == "cifar-cnn" else (1, 28, 28)
     model = build_model(name)
     assert model(torch.randn(4, *shape)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", LANGUAGE_MODELS)
+def test_language_models_predict_every_position(name):
+    model = build_model(name, num_classes=98, input_shape=(80,))
+    assert model(torch.randint(0, 98, (4, 80))).shape == (4, 98, 80)      # (B, V, T): F.cross_entropy's layout
 
 
 def test_paper_cnn_on_cifar_sized_input():

@@ -119,3 +119,14 @@ def test_impossible_requests_raise_input_error(labels, call, message):
 def test_make_partition_shards_defaults_to_papers_shard_size(labels):
     parts = P.make_partition("shards", labels, 100, seed=0)
     assert {len(p) for p in parts} == {600}
+
+
+def test_shards_has_one_shard_size_rule_whichever_way_it_is_called():
+    """shards() and make_partition("shards") use the same default shard size, n / (K s): with
+    K = 50 on 60,000 examples each client holds 2 shards of 600 (this used to be 300 one way)."""
+    labels = np.repeat(np.arange(10), 6000)
+    direct = P.shards(labels, 50, seed=3)
+    named = P.make_partition("shards", labels, 50, seed=3)
+    assert [len(p) for p in direct] == [len(p) for p in named] == [1200] * 50
+    assert all(np.array_equal(a, b) for a, b in zip(direct, named))
+    assert P.default_shard_size(60000, 100, 2) == 300

@@ -58,7 +58,7 @@ def tiny_mnist():
 
 def test_sweep_writes_one_file_per_run_and_never_redoes_one(tiny_mnist, tmp_path, monkeypatch):
     setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
-    results = R.sweep([setting], tmp_path, lrs=[0.05, 0.1], max_rounds=3, data=tiny_mnist, progress=False)
+    results = R.sweep(R.jobs_of([setting], [0.05, 0.1], [0]), tmp_path, max_rounds=3, data=tiny_mnist, progress=False)
     files = sorted(p.name for p in tmp_path.glob("*.json"))
     assert files == ["2nn-iid-C0.1-E1-B10-lr0.05-seed0.json", "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json"]
     saved = json.loads((tmp_path / files[0]).read_text())
@@ -72,13 +72,13 @@ def test_sweep_writes_one_file_per_run_and_never_redoes_one(tiny_mnist, tmp_path
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was run again")
     monkeypatch.setattr(R, "run", must_not_train)
-    again = R.sweep([setting], tmp_path, lrs=[0.05, 0.1], max_rounds=3, data=tiny_mnist, progress=False)
+    again = R.sweep(R.jobs_of([setting], [0.05, 0.1], [0]), tmp_path, max_rounds=3, data=tiny_mnist, progress=False)
     assert [r["rounds_run"] for r in again] == [r["rounds_run"] for r in results]
 
 
 def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
-    R.sweep([setting], tmp_path, lrs=[0.1], max_rounds=2, data=tiny_mnist, progress=False)
+    R.sweep(R.jobs_of([setting], [0.1], [0]), tmp_path, max_rounds=2, data=tiny_mnist, progress=False)
     rows = {r["setting"]: r for r in R.comparison_rows("1", tmp_path)}
     assert rows["2nn-iid-C0.2-E1-B10"]["ours"] == "not yet run"
     ran = rows["2nn-iid-C0.1-E1-B10"]
@@ -86,12 +86,14 @@ def test_comparison_rows_show_missing_runs_as_not_yet_run(tiny_mnist, tmp_path):
     assert ran["ours"] == "not reached in 2" and ran["ratio"] is None      # 2 rounds cannot reach 97%
     assert ran["etas"] == "1/3" and rows["2nn-iid-C0.2-E1-B10"]["etas"] == "0/3"
 
-    # A reached run at another rate is the best, and its ratio to the paper is reported.
+    # A reached run at another rate is the best, and its ratio to the paper is reported. (The file is
+    # made by hand, consistent: its lr is also its history's, and it reached the target within its rounds.)
     reached = json.loads((tmp_path / "2nn-iid-C0.1-E1-B10-lr0.1-seed0.json").read_text())
-    reached |= {"lr": 0.2, "reached": True, "rounds_to_target": 43.5}
+    reached |= {"lr": 0.2, "reached": True, "rounds_to_target": 1.5}
+    reached["history"]["config"]["lr"] = 0.2
     (tmp_path / "2nn-iid-C0.1-E1-B10-lr0.2-seed0.json").write_text(json.dumps(reached))
     ran = {r["setting"]: r for r in R.comparison_rows("1", tmp_path)}["2nn-iid-C0.1-E1-B10"]
-    assert (ran["ours"], ran["lr"], ran["ratio"], ran["etas"]) == (43.5, 0.2, 0.5, "2/3")
+    assert (ran["ours"], ran["lr"], ran["ratio"], ran["etas"]) == (1.5, 0.2, 1.5 / 87, "2/3")
 
 
 def test_best_run_prefers_reached_then_unreached_then_diverged():
@@ -105,7 +107,7 @@ def test_best_run_prefers_reached_then_unreached_then_diverged():
     assert R.best_per_setting(runs[:1])[("s", 0)]["diverged"]
 
 
-# --- sweeps that train their runs together (fedlib.engine.sweep.run_many) -----------------------
+# --- sweeps that train their runs together (fedlib.run_many) ------------------------------------
 
 def tiny_setting(target: float = 0.12) -> R.Setting:
     """Table 1's 2NN at C = 0.1, E = 1, B = 10, with a target the tiny data reaches in 1 to 3 rounds."""
@@ -123,9 +125,10 @@ def test_a_sweep_trained_together_equals_one_run_at_a_time(tiny_mnist, tmp_path)
     clients every round, training losses equal to 1e-10, and no test example changes its
     predicted class, so the accuracies and rounds to target are equal."""
     data, setting = tiny_mnist.to(dtype=torch.float64), tiny_setting()
-    sweep = dict(lrs=[0.05, 0.1], seeds=[0, 1], max_rounds=4, data=data, progress=False)
-    batched = R.sweep([setting], tmp_path / "together", together=True, **sweep)
-    alone = R.sweep([setting], tmp_path / "alone", together=False, **sweep)
+    jobs = R.jobs_of([setting], [0.05, 0.1], [0, 1])
+    sweep = dict(max_rounds=4, data=data, progress=False)
+    batched = R.sweep(jobs, tmp_path / "together", together=True, **sweep)
+    alone = R.sweep(jobs, tmp_path / "alone", together=False, **sweep)
     assert [(r["lr"], r["seed"]) for r in batched] == [(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1)]
     assert [r["rounds_run"] for r in alone] == [3, 1, 3, 1]     # runs leave the batch as they reach the target
     for b, a in zip(batched, alone):
@@ -143,8 +146,9 @@ def test_a_sweep_trained_together_equals_one_run_at_a_time(tiny_mnist, tmp_path)
 
 def test_an_interrupted_sweep_trained_together_resumes(tiny_mnist, tmp_path, monkeypatch):
     data, setting = tiny_mnist.to(dtype=torch.float64), tiny_setting(target=0.99)   # every run goes to the cap
-    sweep = dict(lrs=[0.05, 0.1], seeds=[0, 1], max_rounds=4, data=data, progress=False, together=True)
-    whole = R.sweep([setting], tmp_path / "whole", **sweep)
+    jobs = R.jobs_of([setting], [0.05, 0.1], [0, 1])
+    sweep = dict(max_rounds=4, data=data, progress=False, together=True)
+    whole = R.sweep(jobs, tmp_path / "whole", **sweep)
     real_run_many = R.run_many
 
     def stop_in_round_2(run, record):
@@ -152,14 +156,16 @@ def test_an_interrupted_sweep_trained_together_resumes(tiny_mnist, tmp_path, mon
             raise KeyboardInterrupt
     monkeypatch.setattr(R, "run_many", lambda *a, **k: real_run_many(*a, **k, on_round=stop_in_round_2))
     with pytest.raises(KeyboardInterrupt):
-        R.sweep([setting], tmp_path / "stopped", **sweep)
+        R.sweep(jobs, tmp_path / "stopped", **sweep)
     assert len(list((tmp_path / "stopped" / ".checkpoints").glob("*.ckpt"))) == 4
     assert not list((tmp_path / "stopped").glob("*.json"))
 
     trained = []
     monkeypatch.setattr(R, "run_many", lambda *a, **k: real_run_many(*a, **k, on_round=lambda i, r: trained.append(r)))
-    resumed = R.sweep([setting], tmp_path / "stopped", **sweep)
-    assert sorted(r.round for r in trained) == [3] * 4 + [4] * 4      # rounds 1 and 2 came from the checkpoints
+    resumed = R.sweep(jobs, tmp_path / "stopped", **sweep)
+    # The first run stopped after completing round 2; the other three had trained round 2's clients but not
+    # yet averaged them, so they were cut back to round 1: the checkpoints resume at rounds 3, 2, 2, 2.
+    assert sorted(r.round for r in trained) == [2] * 3 + [3] * 4 + [4] * 4
     for r, w in zip(resumed, whole):
         assert trajectory(r) == trajectory(w) and r["together"] == 4
 
@@ -167,7 +173,7 @@ def test_an_interrupted_sweep_trained_together_resumes(tiny_mnist, tmp_path, mon
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(R, "run_many", must_not_train)
     monkeypatch.setattr(R, "run", must_not_train)
-    assert R.sweep([setting], tmp_path / "stopped", **sweep) == resumed
+    assert R.sweep(jobs, tmp_path / "stopped", **sweep) == resumed
 
 
 def test_a_sweep_trained_together_returns_runs_in_job_order(tiny_mnist, tmp_path, monkeypatch):
@@ -175,22 +181,22 @@ def test_a_sweep_trained_together_returns_runs_in_job_order(tiny_mnist, tmp_path
     by_name = {s.name: s for s in R.ablation_settings()}
     settings = [by_name["2nn-iid-C0.1-E1-B10-fedlib"], by_name["2nn-iid-C0.1-E1-Binf-fedlib"],
                 by_name["2nn-iid-C0.1-E1-B10-truncnormal"]]        # the first and last share a group
-    sweep = dict(lrs=[0.1], max_rounds=2, data=tiny_mnist, progress=False)
-    R.sweep(settings[2:], tmp_path, seeds=[1], together=False, **sweep)              # one run already saved
+    sweep = dict(max_rounds=2, data=tiny_mnist, progress=False)
+    R.sweep(R.jobs_of(settings[2:], [0.1], [1]), tmp_path, together=False, **sweep)   # one run already saved
     sizes = []
     real_run_many = R.run_many
     monkeypatch.setattr(R, "run_many", lambda configs, *a, **k: sizes.append(len(configs))
                         or real_run_many(configs, *a, **k))
-    results = R.sweep(settings, tmp_path, seeds=[0, 1], together=True, **sweep)
+    results = R.sweep(R.jobs_of(settings, [0.1], [0, 1]), tmp_path, together=True, **sweep)
     assert [(r["setting"]["name"], r["seed"]) for r in results] == [(s.name, seed) for s in settings for seed in (0, 1)]
     assert [r["together"] for r in results] == [3, 3, 2, 2, 3, 1] and sizes == [3, 2]
     assert [r["history"]["config"]["init"] for r in results] == ["pytorch"] * 4 + ["truncated-normal"] * 2
 
 
 def test_a_group_that_cannot_be_batched_runs_one_at_a_time(tiny_mnist, tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "sweep_reason", lambda configs: "a reason")
+    monkeypatch.setattr(R, "refusal", lambda config: "a reason")
     monkeypatch.setattr(R, "run_many", lambda *a, **k: pytest.fail("run_many was called"))
-    results = R.sweep([tiny_setting()], tmp_path, lrs=[0.1], seeds=[0, 1], max_rounds=2, data=tiny_mnist,
+    results = R.sweep(R.jobs_of([tiny_setting()], [0.1], [0, 1]), tmp_path, max_rounds=2, data=tiny_mnist,
                       progress=False, together=True)
     assert [r["together"] for r in results] == [1, 1]
 
@@ -207,3 +213,33 @@ def test_reproduce_together_flag(tmp_path, monkeypatch, capsys):
         assert main(["reproduce", "--table", "1", "--only", "2nn-iid-C0.1-E1-B10", "--together", flag,
                      "--no-progress"]) == 0
     assert asked == [None, True, False]
+
+
+# --- one rule for "diverged" and one u, shared with fedlib.run --------------------------------------
+
+def test_a_result_is_diverged_by_the_runs_own_rule():
+    """reproduce's "diverged" is History.diverged: a round without clients (DP-FedAvg's sampling) is not
+    a divergence, a model whose weights became nan is (its test loss is nan), whatever its training loss."""
+    from fedlib.metrics import History, RoundRecord
+
+    setting = next(s for s in R.paper_settings("1") if s.name == "2nn-iid-C0.1-E1-B10")
+
+    def saved(records, tmp):
+        history = History(config={}, records=records)
+        return R.save_result(setting, 0.1, 0, 2, history, tmp)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = saved([RoundRecord(1, [3], 0.5, 1.0, 2.0, 0.1, 10), RoundRecord(2, [], 0.5, 1.0, float("nan"), 0.1, 10)],
+                      tmp)
+        broken = saved([RoundRecord(1, [3], 0.1, float("nan"), 2.0, 0.1, 10)], tmp)
+    assert empty["diverged"] is False and broken["diverged"] is True
+
+
+def test_u_is_rounded_up_everywhere():
+    """u = E ceil(n_k / B): the last, smaller batch is a step too (local_update takes it)."""
+    import fedlib
+
+    assert fedlib.local_steps(600, 1, 7) == 86 and fedlib.local_steps(600, 5, 50) == 60
+    assert fedlib.local_steps(600, 2, None) == 2
+    setting = next(s for s in R.paper_settings("2") if s.batch_size == 50 and s.local_epochs == 1)
+    assert setting.updates_per_round == fedlib.local_steps(R.EXAMPLES_PER_CLIENT, 1, 50) == 12

@@ -24,21 +24,21 @@ engine trains the M clients of a round, or of several runs at once, as one netwo
   remaining steps out (learning rate 0), so it ends where its last real step left it.
 - ``graphs``: on a GPU, ``chunk`` steps are recorded once as a CUDA graph and
   replayed, so a round is not bound by the CPU's kernel launches.
-- ``sweep``: :func:`~fedlib.engine.sweep.run_many`, the runs of a sweep (learning
-  rates, seeds, partitions) trained as one batch of runs x clients models, each run
-  with its own rate, sampling, partition and stopping round.
+- ``lockstep``: the clients of several runs (learning rates, seeds, partitions, methods)
+  trained as one batch of runs x clients models each round, each run with its own rate,
+  sampling, partition and strategy (``fedlib.run_many``).
 
 Why it gives the sequential engine's weights: every client trains on the same
 batches, in the same order and from the same start as under ``local_update``; only
 the grouping of sums differs. Dropout masks: given each client's generator seeded with
-``dropout_seed(seed, t, k)`` (``dropout_generators``; ``fedlib.server`` and the sweep
+``fedlib.seeds.dropout_generator(seed, t, k)`` (``dropout_generators``; the backends
 pass them), the engine draws exactly the masks ``nn.Dropout`` draws in the sequential
 engine on a CPU, so dropout models are equal too. On a GPU the sequential engine's
 ``nn.Dropout`` draws from CUDA's generator, so there the two engines use different
 masks (the vectorised engine's are drawn on the CPU: the same on every device). ``tests/test_engine.py`` checks both engines equal in float64 (a bound from
 the float format) and float32, and that three deliberately wrong engines fail;
 ``tests/test_engine_batched.py`` the batched model, the masks and the graph steps;
-``tests/test_engine_sweep.py`` that a sweep gives each run's own weights. How fast it
+``tests/test_engine_sweep.py`` that runs in lockstep get each run's own weights. How fast it
 is, and what bounds it on a CPU, is measured in ``benchmarks/README.md``.
 """
 
@@ -67,6 +67,9 @@ CPU_VECTORIZED_MAX_MODEL_BYTES = 4 * 2**20
 def sequential_is_faster(model: nn.Module) -> str | None:
     """Why ``auto`` should pick the sequential engine for ``model`` on its device, or None."""
     device = next(model.parameters()).device
+    if device.type == "cpu" and any(isinstance(m, nn.LSTM) for m in model.modules()):
+        return ("on the CPU an LSTM trains faster one client at a time: nn.LSTM's fused oneDNN kernel beats "
+                "the batched layers written out position by position (see benchmarks/README.md)")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cpu" and size > CPU_VECTORIZED_MAX_MODEL_BYTES:
         return (f"on the CPU a model of {size / 2**20:.1f} MB trains faster one client at a time "

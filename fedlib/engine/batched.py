@@ -14,7 +14,18 @@ Linear         one batched matrix product ``baddbmm``; activations (M, W, featur
 ReLU, pooling  elementwise or per channel, so unchanged on the stacked activations
 Dropout        a multiplication by a mask drawn beforehand (``fedlib.engine.schedule``),
 Dropout2d      one per model and example, exactly the mask ``nn.Dropout`` would draw
+Embedding      one lookup in the M models' tables stacked into one (model m's ids
+               offset by m * V); activations (M, W, T, dim)
+LSTM           per layer and position, one ``baddbmm`` of the M models' input and
+               previous state with their weights, then the gates, elementwise; the
+               backward pass written out (:class:`BatchedLSTMLayer`)
 =============  ====================================================================
+
+The LSTM's layers follow the equations ``nn.LSTM`` documents, with its gate order (input,
+forget, cell, output) and its two biases; the linear layer after them sees the W * T
+positions of each model as its rows, so the logits are (M, W, T, classes). On a CPU this
+batched LSTM is slower than ``nn.LSTM`` run one client at a time (oneDNN's fused kernel),
+so ``engine="auto"`` trains LSTMs sequentially there (``benchmarks/README.md``).
 
 Each model's outputs depend only on its own weights and examples, so the sum of the M
 models' losses has, for each model's weights, that model's own gradient: one backward
@@ -40,11 +51,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedlib.models import CNN, CifarCNN, MLPDropout, SmallCNN, TwoNN
+from fedlib.models import CNN, CharLSTM, CifarCNN, MLPDropout, SmallCNN, TwoNN
 
 # The layers each model's forward runs, in order (compare with fedlib/models.py).
-# ("conv", name), ("linear", name), ("dropout", name): the model's submodule of that name;
-# "relu"; ("pool", k): k x k max pooling; "flatten": (C, H, W) -> C * H * W, in that order.
+# ("conv", name), ("linear", name), ("dropout", name), ("embedding", name), ("lstm", name):
+# the model's submodule of that name; "relu"; ("pool", k): k x k max pooling; "flatten":
+# (C, H, W) -> C * H * W, in that order. A program that starts with an embedding reads
+# sequences of ids (M, W, T); its linear layers act on every position.
 PROGRAMS: dict[type, tuple] = {
     TwoNN: ("flatten", ("linear", "fc1"), "relu", ("linear", "fc2"), "relu", ("linear", "fc3")),
     CNN: (("conv", "conv1"), "relu", ("pool", 2), ("conv", "conv2"), "relu", ("pool", 2), "flatten",
@@ -54,6 +67,7 @@ PROGRAMS: dict[type, tuple] = {
                "relu", "flatten", ("linear", "fc1"), "relu", ("dropout", "fc1_drop"), ("linear", "fc2")),
     CifarCNN: (("conv", "conv1"), "relu", ("pool", 2), ("conv", "conv2"), "relu", ("pool", 2), "flatten",
                ("linear", "fc1"), "relu", ("linear", "fc2"), "relu", ("linear", "fc3")),
+    CharLSTM: (("embedding", "embed"), ("lstm", "lstm"), ("linear", "fc")),
 }
 
 
@@ -88,8 +102,10 @@ class BatchedModel:
         self.program = pool_before_relu(program)
         program = self.program
         self.channels_last = channels_last
-        self.convolutional = program[0] != "flatten"
+        self.sequential = isinstance(program[0], tuple) and program[0][0] == "embedding"   # reads ids (T,)
+        self.convolutional = program[0] != "flatten" and not self.sequential
         self.modules = dict(model.named_modules())
+        self.lstm_layers = {op[1]: self.modules[op[1]].num_layers for op in self._layers("lstm")}
         self.padding = {name: self.modules[name].padding for kind, name in self._layers("conv")}
         self.dropouts: list[DropoutLayer] = []
         self._buffers: dict[str, torch.Tensor] = {}
@@ -121,7 +137,9 @@ class BatchedModel:
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The inputs of one step: x (N, C, H, W) the training set, index (M, W) each
         model's examples. Convolutional: (W, M * C, H, W), the M models side by side
-        along the channels; otherwise (M, W, C * H * W)."""
+        along the channels; sequences (x (N, T) ids): (M, W, T); otherwise (M, W, C * H * W)."""
+        if self.sequential:
+            return x[index]
         if not self.convolutional:
             return x[index].flatten(2)
         m, w = index.shape
@@ -142,9 +160,10 @@ class BatchedModel:
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                 masks: dict[str, torch.Tensor] | None = None,
                 sgd_step: float | torch.Tensor | None = None) -> torch.Tensor:
-        """The logits (M, W, classes). sgd_step: for plain SGD, the step's rate (eta, or (M,)
-        one per model): the backward pass then updates each linear layer's weights itself
-        (see :class:`BatchedLinear`) and gives them no gradient."""
+        """The logits (M, W, classes), or (M, W, T, classes) for sequences. sgd_step: for
+        plain SGD, the step's rate (eta, or (M,) one per model): the backward pass then
+        updates each linear layer's weights itself (see :class:`BatchedLinear`) and gives
+        them no gradient."""
         h, m = x, next(iter(params.values())).shape[0]
         for op in self.program:
             if op == "relu":
@@ -161,7 +180,15 @@ class BatchedModel:
                 h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=self.padding[op[1]], groups=m)
             elif op[0] == "linear":
                 w, b = params[f"{op[1]}.weight"], params[f"{op[1]}.bias"]
-                h = BatchedLinear.apply(h, w, b, self._gradient_buffer(op[1], w), sgd_step)
+                rows = h.shape[1:-1]                              # (W,), or (W, T) for sequences
+                h = BatchedLinear.apply(h.reshape(m, -1, h.shape[-1]), w, b, self._gradient_buffer(op[1], w),
+                                        sgd_step).view(m, *rows, -1)
+            elif op[0] == "embedding":
+                table = params[f"{op[1]}.weight"]                 # (M, V, dim)
+                offset = torch.arange(m, device=h.device).view(m, 1, 1) * table.shape[1]
+                h = F.embedding(h + offset, table.reshape(-1, table.shape[2]))      # (M, W, T, dim)
+            elif op[0] == "lstm":
+                h = batched_lstm(params, op[1], h, self.lstm_layers[op[1]])
         return h
 
 
@@ -208,6 +235,95 @@ class BatchedLinear(torch.autograd.Function):
         return grad_h, None, None, None, None
 
 
+def batched_lstm(params: dict[str, torch.Tensor], name: str, h: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """M stacked ``nn.LSTM`` s (batch first, state starting at zero) on h (M, W, T, in) -> (M, W, T, hidden),
+    layer after layer (:class:`BatchedLSTMLayer`), computed position-major (T, M, W, .)."""
+    h = h.permute(2, 0, 1, 3)                                     # (T, M, W, in)
+    for layer in range(num_layers):
+        h = BatchedLSTMLayer.apply(h, params[f"{name}.weight_ih_l{layer}"], params[f"{name}.weight_hh_l{layer}"],
+                                   params[f"{name}.bias_ih_l{layer}"], params[f"{name}.bias_hh_l{layer}"])
+    return h.permute(1, 2, 0, 3)
+
+
+class BatchedLSTMLayer(torch.autograd.Function):
+    """One LSTM layer of M models: x (T, M, W, in) -> h (T, M, W, hidden), with its backward
+    written out (backpropagation through time).
+
+    Forward, as PyTorch documents ``nn.LSTM``, for each position t with h_0 = c_0 = 0:
+    z_t = [x_t, h_{t-1}] [W_ih, W_hh]^T + b_ih + b_hh, cut into (i, f, g, o);
+    i, f, o = sigmoid(.), g = tanh(.); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
+    Each position is one ``baddbmm`` of the M models' [x_t, h_{t-1}] (kept side by side in
+    one buffer: h_t is written where position t + 1 reads it) and seven elementwise
+    operations. Weights: w_ih (M, 4 hidden, in), w_hh (M, 4 hidden, hidden), biases (M, 4 hidden).
+
+    Backward from dL/dh_t, going back in t: dh = dL/dh_t + (what position t + 1 sent back
+    to h_t), dc = dh o (1 - tanh(c_t)^2) + dc_{t+1} f_{t+1},
+    dz_t = (dc g i (1 - i), dc c_{t-1} f (1 - f), dc i (1 - g^2), dh tanh(c_t) o (1 - o)),
+    and dz_t [W_ih, W_hh] = (dL/dx_t, what goes back to h_{t-1}) in one ``bmm``. The factors
+    that multiply dc and dh are computed for all positions before the loop, which is left
+    with six operations per position; the weight gradients are one batched product over
+    all positions, d[W_ih, W_hh] = sum_t dz_t^T [x_t, h_{t-1}], db = sum_t dz_t.
+    For B = 10 sequences the number of operations per position, more than their arithmetic,
+    bounds a step: autograd through the same equations would record each forward operation
+    and run more than one backward operation for most of them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                b_hh: torch.Tensor) -> torch.Tensor:
+        t, m, w, n_in = x.shape
+        hidden = w_hh.shape[2]
+        weight = torch.cat([w_ih, w_hh], dim=2).transpose(1, 2)   # (M, in + hidden, 4 hidden)
+        bias = (b_ih + b_hh).unsqueeze(1)
+        xh = x.new_zeros(t + 1, m, w, n_in + hidden)              # [x_t, h_{t-1}]; h_t lands in row t + 1
+        xh[:t, ..., :n_in] = x
+        gates = x.new_empty(t, m, w, 4 * hidden)                  # the gates' values i, f, g, o
+        cells, tanh_cells = x.new_empty(t, m, w, hidden), x.new_empty(t, m, w, hidden)
+        for s in range(t):
+            z = torch.baddbmm(bias, xh[s], weight, out=gates[s])
+            z[..., :2 * hidden].sigmoid_()                        # i, f
+            z[..., 2 * hidden:3 * hidden].tanh_()                 # g
+            z[..., 3 * hidden:].sigmoid_()                        # o
+            i, f, g, o = z.split(hidden, dim=-1)
+            torch.mul(i, g, out=cells[s])
+            if s:
+                cells[s].addcmul_(f, cells[s - 1])
+            torch.tanh(cells[s], out=tanh_cells[s])
+            torch.mul(o, tanh_cells[s], out=xh[s + 1, ..., n_in:])
+        ctx.save_for_backward(xh, weight, gates, cells, tanh_cells)
+        ctx.n_in = n_in
+        return xh[1:, ..., n_in:]
+
+    @staticmethod
+    def backward(ctx, d_hs: torch.Tensor):
+        xh, weight, gates, cells, tanh_cells = ctx.saved_tensors
+        t, m, w, hidden = cells.shape
+        n_in = ctx.n_in
+        i, f, g, o = gates.split(hidden, dim=-1)
+        c_prev = torch.cat([torch.zeros_like(cells[:1]), cells[:-1]])
+        from_h = o * (1 - tanh_cells * tanh_cells)                # dc = dh * from_h (+ the next position's)
+        from_c = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=-1)   # dz_ifg = dc * .
+        to_o = tanh_cells * o * (1 - o)                           # dz_o = dh * to_o
+        dz = torch.empty_like(gates)
+        d_xh = xh.new_empty(t, m, w, n_in + hidden)               # row s: dL/d[x_s, h_{s-1}] from position s
+        backward_weight = weight.transpose(1, 2)                  # (M, 4 hidden, in + hidden)
+        dc_next = None
+        for s in reversed(range(t)):
+            dh = d_hs[s] if s == t - 1 else d_hs[s] + d_xh[s + 1, ..., n_in:]
+            dc = dh * from_h[s] if dc_next is None else torch.addcmul(dc_next, dh, from_h[s])
+            torch.mul(dc.unsqueeze(2), from_c[s].view(m, w, 3, hidden), out=dz[s, ..., :3 * hidden].view(m, w, 3, hidden))
+            torch.mul(dh, to_o[s], out=dz[s, ..., 3 * hidden:])
+            torch.bmm(dz[s], backward_weight, out=d_xh[s])
+            if s:
+                dc_next = dc * f[s]
+        rows = dz.permute(1, 0, 2, 3).reshape(m, t * w, 4 * hidden)
+        inputs = xh[:t].permute(1, 0, 2, 3).reshape(m, t * w, n_in + hidden)
+        d_weight = torch.bmm(rows.transpose(1, 2), inputs)        # (M, 4 hidden, in + hidden)
+        d_b = rows.sum(1)
+        d_x = d_xh[..., :n_in] if ctx.needs_input_grad[0] else None
+        return d_x, d_weight[..., :n_in], d_weight[..., n_in:], d_b, d_b
+
+
 def pool_before_relu(program: tuple) -> tuple:
     """``program`` with every ReLU that is followed by max pooling moved after it.
 
@@ -226,7 +342,8 @@ def pool_before_relu(program: tuple) -> tuple:
 
 def program_for(model: nn.Module) -> tuple | None:
     """The program of ``model`` if it is exactly one of fedlib's models with the layer
-    settings a program supports (stride 1, no dilation, biases, no buffers), else None."""
+    settings a program supports (stride 1, no dilation, biases, no buffers; an LSTM
+    batch-first, one-directional, without projection or dropout), else None."""
     program = PROGRAMS.get(type(model))
     if program is None or any(True for _ in model.buffers()):
         return None
@@ -245,6 +362,14 @@ def program_for(model: nn.Module) -> tuple | None:
                 return None
         elif op[0] == "dropout":
             if not (type(layer) in (nn.Dropout, nn.Dropout2d) and not layer.inplace):
+                return None
+        elif op[0] == "embedding":
+            if not (type(layer) is nn.Embedding and layer.padding_idx is None and layer.max_norm is None
+                    and not layer.scale_grad_by_freq and not layer.sparse):
+                return None
+        elif op[0] == "lstm":
+            if not (type(layer) is nn.LSTM and layer.batch_first and layer.bias and not layer.bidirectional
+                    and layer.proj_size == 0 and layer.dropout == 0):
                 return None
     named = {op[1] for op in program if isinstance(op, tuple) and op[0] != "pool"}
     if {name for name, _ in model.named_children()} != named:

@@ -56,7 +56,7 @@ class GraphedSteps:
 
     def __init__(self, trainer, x: torch.Tensor, y: torch.Tensor, m: int, width: int,
                  mask_shapes: dict[str, tuple[int, ...]], chunk: int = CHUNK, capture: bool = True):
-        device, dtype = x.device, x.dtype
+        device, dtype = x.device, next(iter(trainer.params.values())).dtype     # x may hold character ids
         self.trainer, self.x, self.y, self.chunk = trainer, x, y, chunk
         self.index = torch.zeros((chunk, m, width), dtype=torch.int64, device=device)
         self.weight = torch.zeros((chunk, m, width), dtype=dtype, device=device)

@@ -4,7 +4,7 @@
 w_t once per client, draws the round's schedule (``fedlib.engine.schedule``) and runs
 the S steps of all clients together. :func:`train_models` is the loop itself, for any
 M models of one architecture, each with its own start weights and learning rate: the
-clients of one round, or of several runs at once (``fedlib.engine.sweep``).
+clients of one round, or of several runs at once (``fedlib.engine.lockstep``).
 
 A step is one forward and backward pass of the batched network
 (``fedlib.engine.batched``), then one update of all stacked weights with
@@ -24,7 +24,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
 from fedlib import params as P
-from fedlib.client import Weights, check_hyperparameters
+from fedlib.client import ClientResult, Weights, check_hyperparameters
+from fedlib.data import IGNORE_INDEX
 from fedlib.models import TwoNN
 
 from . import schedule as sched
@@ -55,6 +56,10 @@ class StackedResult:
     def client(self, i: int) -> Weights:
         """The weights of the i-th model."""
         return {name: w[i] for name, w in self.weights.items()}
+
+    def client_result(self, i: int) -> ClientResult:
+        """What the i-th model sends back, as ``local_update`` returns it."""
+        return ClientResult(self.client(i), int(self.num_examples[i]), float(self.train_loss[i]), int(self.steps[i]))
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,10 @@ def vectorized_unsupported_reason(model: nn.Module) -> str | None:
 
 def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                              client_indices: list[torch.Tensor], generators: list[torch.Generator], *,
-                             epochs: int, batch_size: int | None, lr: float, weights: Weights | None = None,
+                             epochs: int, batch_size: int | None, lr: float,
+                             dropout_generators: list[torch.Generator], weights: Weights | None = None,
                              momentum: float = 0.0, weight_decay: float = 0.0, mu: float = 0.0,
                              corrections: list[Weights] | None = None,
-                             dropout_generators: list[torch.Generator] | None = None,
                              max_examples_per_step: int | None = None) -> StackedResult:
     """ClientUpdate for m clients at once; each client as :func:`fedlib.client.local_update`.
 
@@ -101,17 +106,17 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     in ``torch.optim.SGD``; mu: FedProx's proximal weight; corrections: SCAFFOLD's
     c - c_k, one per client (see ``local_update``). dropout_generators: one per client,
     seeded as the sequential engine seeds torch before client k
-    (``dropout_seed(seed, t, k)``), so that a dropout model draws the sequential
-    engine's masks; None draws every client's masks from torch's global generator.
+    (``fedlib.seeds.dropout_generator(seed, t, k)``), so that a dropout model draws the
+    sequential engine's masks.
     max_examples_per_step: clients x batch width per step (default by device, see
     ``MAX_EXAMPLES_PER_STEP``); more clients are run in groups.
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
     P.MU.check("mu", mu)
     m = len(client_indices)
-    if m == 0 or m != len(generators) or (dropout_generators is not None and len(dropout_generators) != m):
-        raise ValueError(f"client_indices, generators (and dropout_generators) must hold one entry per client "
-                         f"(>= 1), got {m} and {len(generators)}")
+    if m == 0 or m != len(generators) or len(dropout_generators) != m:
+        raise ValueError(f"client_indices, generators and dropout_generators must hold one entry per client "
+                         f"(>= 1), got {m}, {len(generators)} and {len(dropout_generators)}")
     reason = vectorized_unsupported_reason(model)
     if reason:
         raise ValueError(f"model cannot run vectorized: {reason}")
@@ -120,12 +125,18 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     start = {name: p.detach() for name, p in model.named_parameters()}
     stacked = {name: w.unsqueeze(0).expand(m, *w.shape) for name, w in start.items()}
     correction = {name: torch.stack([c[name] for c in corrections]) for name in start} if corrections else None
-    if dropout_generators is None:
-        seed = int(torch.randint(0, 2**62, (), generator=None))   # from the global generator, as before
-        dropout_generators = [torch.Generator().manual_seed(seed + i) for i in range(m)]
-    return train_models(model, x, y, stacked, torch.full((m,), float(lr), dtype=x.dtype), client_indices,
+    dtype = next(iter(start.values())).dtype                      # the model's: x may hold character ids
+    return train_models(model, x, y, stacked, torch.full((m,), float(lr), dtype=dtype), client_indices,
                         generators, dropout_generators, LocalSGD(epochs, batch_size, momentum, weight_decay, mu),
                         correction, max_examples_per_step, uniform_lr=float(lr))
+
+
+def examples_per_input(x: torch.Tensor) -> int:
+    """How many images' worth of activation memory one input of x holds in a training step:
+    1 for an image; for a sequence of T character ids, ceil(T / 12) (7 for T = 80). The paper
+    LSTM's batched step holds about 3.5 MB per sequence of 80 (its state at every position
+    and the backward pass's temporaries, measured on the CPU), the CNN's about 0.5 MB per image."""
+    return 1 if x.is_floating_point() else -(-x.shape[1] // 12)
 
 
 def train_models(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weights, lr: torch.Tensor,
@@ -139,12 +150,13 @@ def train_models(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weig
     one per model (its examples, shuffle stream and dropout stream); correction:
     name -> (M, *shape), SCAFFOLD's c - c_k, or None. uniform_lr: the one rate of
     every model, if they share one (a faster update on the CPU). Models beyond
-    ``max_examples_per_step`` are trained in groups, one group after another.
+    ``max_examples_per_step`` (a sequence counting as :func:`examples_per_input` examples)
+    are trained in groups, one group after another.
     """
     if max_examples_per_step is None:
         max_examples_per_step = MAX_EXAMPLES_PER_STEP.get(x.device.type, MAX_EXAMPLES_PER_STEP["cpu"])
     width = sched.batch_width([len(idx) for idx in client_indices], sgd.batch_size)
-    group = max(1, max_examples_per_step // width)
+    group = max(1, max_examples_per_step // (width * examples_per_input(x)))
     parts = []
     for s in range(0, len(client_indices), group):
         part = slice(s, s + group)
@@ -163,8 +175,9 @@ def _train_group(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weig
                  client_indices: list[torch.Tensor], generators: list[torch.Generator],
                  dropout_generators: list[torch.Generator], sgd: LocalSGD, correction: Weights | None,
                  uniform_lr: float | None) -> StackedResult:
-    """E epochs of SGD for one group of models, all at once (see the module docstring)."""
-    device, dtype = x.device, x.dtype
+    """E epochs of SGD for one group of models, all at once (see the module docstring).
+    The computation runs in the dtype of the weights (x may be integer character ids)."""
+    device, dtype = x.device, next(iter(start.values())).dtype
     m = len(client_indices)
     index, mask = sched.batch_schedule(client_indices, generators, sgd.epochs, sgd.batch_size)
     count = mask.sum(2)                                               # (S, M) real examples per step
@@ -263,7 +276,7 @@ class StepTrainer:
     def run(self, x: torch.Tensor, y: torch.Tensor, staged: Staged, uniform_lr: float | None = None) -> torch.Tensor:
         """Train on a round's staged schedule; returns each model's summed training loss (M,).
         uniform_lr: every model's rate, if they share one (a faster update on a CPU)."""
-        total = torch.zeros(staged.index.shape[1], device=x.device, dtype=x.dtype)
+        total = torch.zeros(staged.index.shape[1], device=x.device, dtype=staged.weight.dtype)
         for s in range(staged.index.shape[0]):
             uniform = uniform_lr if staged.all_active[s] else None
             loss = self.step(x, y, staged.index[s], staged.weight[s], staged.scale[s],
@@ -281,9 +294,10 @@ class StepTrainer:
                 return relu_mlp_sgd_step(self.params, x[index], y[index], weight,
                                          uniform_lr if uniform_lr is not None else scale)
         fused = (uniform_lr if uniform_lr is not None else scale) if self.fused else None
-        logits = self.batched.forward(self.params, self.batched.gather(x, index), masks, fused)   # (M, W, classes)
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[index].reshape(-1), reduction="none")
-        per_model = (losses.view(weight.shape) * weight).sum(1)
+        logits = self.batched.forward(self.params, self.batched.gather(x, index), masks, fused)   # (M, W, [T,] classes)
+        target = y[index]                                                                        # (M, W[, T])
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        per_model = mean_loss_per_model(losses.view(target.shape), target, weight)
         names = self.unfused if self.fused else self.names
         if names:
             grads = torch.autograd.grad(per_model.sum(), [self.params[n] for n in names])
@@ -321,6 +335,20 @@ class StepTrainer:
             torch._foreach_add_(params, d, alpha=-uniform_lr)
         else:
             torch._foreach_addcmul_(params, d, [_per_model(scale, p) for p in params], value=-1)
+
+
+def mean_loss_per_model(losses: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each model's mean loss over its step's batch (M,), the loss ``local_update`` takes.
+
+    losses, target: (M, W) one per example, or (M, W, T) one per position of a sequence;
+    weight: (M, W), 1 / n_b for the batch's real examples and 0 for padding. For sequences
+    the mean is over the batch's real characters (the real examples' targets other than
+    ``IGNORE_INDEX``), as ``F.cross_entropy`` takes it, not over its sequences.
+    """
+    if losses.dim() == 2:
+        return (losses * weight).sum(1)
+    real = (target != IGNORE_INDEX).to(losses.dtype) * (weight > 0).to(losses.dtype).unsqueeze(2)
+    return (losses * real).sum((1, 2)) / real.sum((1, 2)).clamp(min=1)
 
 
 def is_paper_2nn(model: nn.Module) -> bool:
@@ -375,15 +403,16 @@ def _train_group_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start:
     ``vmap(grad_and_value(loss))`` over ``functional_call``, the same update as the
     batched steps. Dropout draws from torch's global generator (``randomness="different"``).
     Returns each model's summed loss (M,) and the trained weights."""
-    device, dtype = x.device, x.dtype
+    device, dtype = x.device, next(iter(start.values())).dtype
     model.train()
     trainer = StepTrainer(None, start, sgd, correction is not None, by_hand=False)
     trainer.reset(start, correction)
     params = {name: p.detach() for name, p in trainer.params.items()}     # the same storage, no autograd
 
     def client_loss(p: Weights, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, p, (xb,))                    # (W, num_classes)
-        return (F.cross_entropy(logits, yb, reduction="none") * wb).sum()
+        logits = functional_call(model, p, (xb,))                    # (W, num_classes[, T])
+        losses = F.cross_entropy(logits, yb, reduction="none")       # (W[, T])
+        return mean_loss_per_model(losses[None], yb[None], wb[None])[0]
 
     grad_step = vmap(grad_and_value(client_loss), randomness="different")
     count = mask.sum(2).to(device=device, dtype=dtype)

@@ -24,7 +24,7 @@ from typing import Sequence
 import psutil
 
 from fedlib.metrics import History
-from fedlib.server import FedAvgConfig
+from fedlib.config import FedAvgConfig
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The clients of Algorithm 1 on Flower: a backend that sends ClientUpdate to SuperNodes.
+
+:class:`FlowerClients` is what ``fedlib.server.rounds`` asks for the clients' updates when the
+run goes through Flower (``fedlib.run(config, clients=FlowerClients(grid, config))``): the loop,
+the strategy, the evaluation and the History are fedlib's own, exactly as in one process, and
+only ClientUpdate travels. In each round it sends a ``train`` message to the SuperNode of every
+client k in S_t (w_t, the configuration, the round, and the terms the strategy adds to client k's
+gradients) and collects the replies. A client without a SuperNode, or whose SuperNode fails or
+does not answer within ``timeout``, simply sends no update, like a phone that went offline; the
+round averages the updates that came back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlib.client import ClientResult, Weights
+from fedlib.config import FedAvgConfig
+from fedlib.flower.task import to_record
+from fedlib.strategies import FedAvg
+
+
+def client_nodes(grid: Grid, timeout: float) -> dict[int, int]:
+    """Client k -> the node ID of the SuperNode that holds it, by asking every connected node."""
+    messages = [Message(RecordDict({}), dst_node_id=node, message_type="query") for node in grid.get_node_ids()]
+    nodes = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error():
+            nodes[int(reply.content["client"]["partition-id"])] = reply.metadata.src_node_id
+    return nodes
+
+
+class FlowerClients:
+    """ClientUpdate(k, w_t) for every k in S_t, on the SuperNode that holds client k."""
+
+    name = "flower"
+
+    def __init__(self, grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True):
+        self.grid, self.config, self.timeout, self.verbose = grid, config, timeout, verbose
+        self.nodes = client_nodes(grid, timeout)
+
+    def message(self, k: int, w_t: Weights, t: int, strategy: FedAvg) -> Message:
+        terms = strategy.client_terms(k)
+        content = RecordDict({"arrays": ArrayRecord({name: w.cpu() for name, w in w_t.items()}),
+                              "config": ConfigRecord(to_record(self.config) | {"server-round": t}),
+                              "terms": ConfigRecord({"mu": float(terms.mu)})})
+        if terms.correction is not None:
+            content["correction"] = ArrayRecord({name: c.cpu() for name, c in terms.correction.items()})
+        return Message(content, dst_node_id=self.nodes[k], message_type="train")
+
+    def update(self, w_t: Weights, S_t: np.ndarray, t: int, strategy: FedAvg) -> dict[int, ClientResult]:
+        reachable = [int(k) for k in S_t if int(k) in self.nodes]
+        self.say(f"round {t}: S_t has {len(S_t)} clients, {len(reachable)} with a SuperNode; sent to {reachable}")
+        replies = self.grid.send_and_receive([self.message(k, w_t, t, strategy) for k in reachable],
+                                             timeout=self.timeout)
+        updates, failed = {}, []
+        for reply in replies:
+            if reply.has_error():
+                failed.append(reply.error.reason)
+                continue
+            content = reply.content
+            k = int(content["client"]["partition-id"])
+            updates[k] = ClientResult(content["arrays"].to_torch_state_dict(),
+                                      int(content["metrics"]["num-examples"]),
+                                      float(content["metrics"]["train-loss"]), int(content["metrics"]["steps"]))
+        missing = len(reachable) - len(updates)
+        self.say(f"round {t}: {len(updates)} updates came back, {missing} did not"
+                 + (f" ({'; '.join(sorted(set(failed)))})" if failed else ""))
+        return dict(sorted(updates.items()))
+
+    def say(self, line: str) -> None:
+        if self.verbose:
+            print(line, flush=True)
