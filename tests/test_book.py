@@ -200,6 +200,7 @@ def heading(page: Page) -> str:
                        " return c.textContent.trim(); }")
 
 
+@pytest.mark.slow
 def test_book_in_browser(site: str):
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     repo, branch = config["repository"]["url"].rstrip("/"), config["repository"]["branch"]
@@ -322,6 +323,7 @@ def portable_site() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_portable_lessons_in_browser(portable_site: str):
     """What a student who opens a portable lesson in Jupyter sees. External requests (nbconvert's
     pages load MathJax and require.js from a CDN) are blocked: the text is checked as it is."""

@@ -302,6 +302,7 @@ def test_in_colab_the_install_cell_installs_fedlib_from_the_configured_repositor
             assert line == f"git clone --quiet --depth 1 {portable.repository_url()} /content/fedavg-book", line
 
 
+@pytest.mark.slow
 def test_the_install_commands_install_this_repository(tmp_path, monkeypatch):
     """Every distinct command of the install cells, run as written but against this repository
     (its committed HEAD, as a file:// git URL) instead of GitHub: pip builds fedlib from the
