@@ -138,9 +138,12 @@ def test_only_trained_numbers_escape_nbval_and_each_is_checked(path):
     tags = [set(cell.metadata.get("tags", [])) for cell in cells]
     assert not any(t & {"nbval-skip", "nbval-raises-exception", "raises-exception"} for t in tags)
     ignored = [i for i, t in enumerate(tags) if IGNORE_OUTPUT in t]
-    if ignored:
+    # The cell that estimates the full profile's time from this run's timings (it glues full_cost)
+    # shows a timing, not a trained number: there is no stored value to check it against.
+    trained = [i for i in ignored if 'lessons.glue("full_cost"' not in cells[i].source]
+    if trained:
         checks = [cell for cell, t in zip(cells, tags) if t & ASSERT_TAGS and "check_stored(" in cell.source]
-        assert checks, f"{path.name} ignores the output of cells {ignored} but checks none of their numbers"
+        assert checks, f"{path.name} ignores the output of cells {trained} but checks none of their numbers"
     for i in ignored:
         assert cells[i].outputs, f"code cell {i} is tagged {IGNORE_OUTPUT} but shows nothing"
         assert not tags[i] & ASSERT_TAGS, "a hidden check must itself be compared (it shows nothing)"
