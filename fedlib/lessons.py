@@ -1,5 +1,5 @@
 """What the lesson notebooks share: how big their experiments are, where they run,
-how their hidden checks compare trained numbers, and the pictures several lessons draw.
+and the pictures several lessons draw.
 
 One switch decides the size of every experiment in the lessons:
 
@@ -22,12 +22,12 @@ trained numbers are skipped then (:func:`cut_down`).
 Numbers that come out of training (accuracies, losses, rounds to a target) depend on
 float rounding, which differs between CPUs, kernels and GPUs. nbval therefore does not
 compare them as text (their cells are tagged ``nbval-ignore-output``); a hidden cell
-checks each with :func:`check_stored`, within a tolerance that says why.
+checks each with ``booktools.check_stored`` (the book's tooling, not part of fedlib), within a
+tolerance that says why.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Sequence, TypeVar
@@ -113,29 +113,6 @@ def describe() -> str:
     """One line saying which profile runs on which device, e.g. ``profile: quick, device: cpu``."""
     text = f"profile: {profile()}, device: {device().type}"
     return text + f" (cut down to {scale():g} of its sizes)" if cut_down() else text
-
-
-def check_stored(what: str, value: float, stored: float, within: float) -> None:
-    """Assert that a trained number is close to the value stored in the lesson.
-
-    The stored outputs come from the quick profile on a CPU. On another machine (other
-    kernels, a GPU) float rounding perturbs the run; in a long, chaotic training run the
-    perturbation can grow until the result is simply another draw of the same random
-    process, as if the seed had changed but the partition, sampling and shuffles had not.
-    So ``within`` is the spread of the number over seeds 0-4 (measured, and written in a
-    comment at the call), and two draws of that process may differ by up to about twice
-    their spread: the check allows ``2 * within``. Only the quick profile has stored
-    values: in the full profile this checks nothing.
-    """
-    if profile() != "quick":
-        return
-    log = os.environ.get("FEDLIB_CHECKS_LOG")            # notebooks/execute.py: stored values gone stale?
-    if log:
-        with open(log, "a") as f:
-            f.write(json.dumps({"what": what, "value": float(value), "stored": stored, "within": within}) + "\n")
-    if not abs(value - stored) <= 2 * within:
-        raise AssertionError(f"{what} = {value:.6g}, but the lesson stores {stored:g} "
-                             f"(allowed difference 2 x {within:g})")
 
 
 def glue(name: str, value: object) -> None:

@@ -83,9 +83,11 @@ def initial_model(config: FedAvgConfig, num_classes: int = 10, input_shape: tupl
     says (PyTorch's default, or a TensorFlow-style initialiser: ``fedlib.models.initialize``).
 
     fedlib.run, Flower's ServerApp and the lessons all start from this, so their runs
-    begin from the identical model. The caller's random state is left alone.
+    begin from the identical model. The caller's random state is left alone: the CPU generator,
+    which the layers' initialisers draw from, is seeded inside a fork (torch.manual_seed would
+    re-seed the GPU generators too, for good).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.default_generator.manual_seed(config.seed)
         model = initialize(build_model(config.model, num_classes, input_shape), config.init)
     return model.to(device=device, dtype=dtype)

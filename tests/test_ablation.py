@@ -94,6 +94,23 @@ def test_initial_model_follows_config_init_and_is_seeded():
         FedAvgConfig(input_scaling="minmax").validate()
 
 
+def test_initial_model_leaves_the_callers_random_state_alone(monkeypatch):
+    """Neither the CPU generator nor (on a GPU machine) the CUDA ones: torch.manual_seed would queue
+    a seed for every CUDA device, which fork_rng(devices=[]) does not restore."""
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    seeded = []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+        initial_model(FedAvgConfig(seed=3))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert seeded == [], "initial_model re-seeded the CUDA generators"
+    torch.manual_seed(3)        # w_0 is what the seed gives: the same as seeding everything
+    expected = initialize(build_model("2nn", 10), FedAvgConfig().init).state_dict()
+    got = initial_model(FedAvgConfig(seed=3)).state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_the_new_flags_reach_the_config():
     args = build_parser().parse_args(["train", "--input-scaling", "unit", "--init", "glorot-uniform"])
     assert (args.input_scaling, args.init) == ("unit", "glorot-uniform")

@@ -5,7 +5,7 @@ hours of CPU. So each lesson runs here with ``FEDLIB_PROFILE=full`` cut down by
 ``FEDLIB_SCALE`` (``fedlib.lessons.size`` shrinks every round count, epoch count and
 example count; the settings, targets and code paths stay those of the full profile), on
 the CPU, from a fresh kernel, and must finish without an error. Its numbers mean nothing
-and are not checked (``lessons.check_stored`` checks only the quick profile). Whether the
+and are not checked (``booktools.check_stored`` checks only the quick profile). Whether the
 full profile fits a GPU reader's time is measured with ``../shared/gpu-check`` (see
 notebooks/README.md).
 """

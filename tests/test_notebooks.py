@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from booktools import check_stored
 from fedlib import lessons
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +132,7 @@ def test_code_cells_follow_the_rules(path):
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_only_trained_numbers_escape_nbval_and_each_is_checked(path):
     """A cell whose output depends on float rounding is tagged nbval-ignore-output, and the
-    lesson then checks its numbers in hidden cells (check_stored, from booktools or the older
-    fedlib.lessons, with a tolerance).
+    lesson then checks its numbers in hidden cells (booktools.check_stored, with a tolerance).
     Nothing is skipped: every cell runs under nbval."""
     cells = code_cells(read(path))
     tags = [set(cell.metadata.get("tags", [])) for cell in cells]
@@ -243,13 +243,13 @@ def test_cut_down_full_profile_scales_sizes_only(no_profile_env, monkeypatch):
 
 def test_check_stored_compares_only_in_the_quick_profile(no_profile_env, monkeypatch):
     monkeypatch.setenv("FEDLIB_DEVICE", "cpu")
-    lessons.check_stored("accuracy", 0.957, stored=0.958, within=0.01)
-    lessons.check_stored("accuracy", 0.939, stored=0.958, within=0.01)     # another draw: up to 2 x the spread
+    check_stored("accuracy", 0.957, stored=0.958, within=0.01)
+    check_stored("accuracy", 0.939, stored=0.958, within=0.01)     # another draw: up to 2 x the spread
     for wrong in (0.937, float("nan")):
         with pytest.raises(AssertionError, match="accuracy"):
-            lessons.check_stored("accuracy", wrong, stored=0.958, within=0.01)
+            check_stored("accuracy", wrong, stored=0.958, within=0.01)
     monkeypatch.setenv("FEDLIB_PROFILE", "full")
-    lessons.check_stored("accuracy", 0.5, stored=0.958, within=0.01)   # no stored full-profile values
+    check_stored("accuracy", 0.5, stored=0.958, within=0.01)   # no stored full-profile values
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
