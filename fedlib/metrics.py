@@ -53,7 +53,9 @@ class RoundRecord:
 
     test_accuracy / test_loss are None in rounds that were not evaluated
     (see ``eval_every``). bytes_uploaded is cumulative: every selected client
-    uploads its whole model (float32) once per round.
+    uploads its whole model (float32) once per round. A strategy whose sample is secret
+    (DP-FedAvg, ``secret_sample``) records no clients, no training loss (nan) and the expected
+    uploads, q K clients a round.
     """
 
     round: int

@@ -26,9 +26,10 @@ come from the operating system's entropy (``os.urandom``, a cryptographically se
 saved. A seeded version (:func:`seeded_normal`, ``fedlib.seeds``) exists for teaching and tests only.
 
 What the guarantee covers is the sequence of global models w_1, ..., w_T (and what is computed
-from them alone, such as their test accuracy). A run's History holds more, for study: each
-round's clients S_t and their mean training loss, neither of them private (they amplify
-nothing and are not noised). Publish the models, never a DP run's history.
+from them alone, such as their test accuracy). The amplification by sampling in epsilon holds
+only while S_t stays secret, so a DP run's History leaves out what a FedAvg History records of
+the sample: each round's clients, their mean training loss (not noised) and how many uploaded
+(``DPFedAvg.secret_sample``). A ``dp_reproducible`` run, whose guarantee is void anyway, records them.
 """
 
 from __future__ import annotations

@@ -196,7 +196,9 @@ class Tracker:
 
     def record(self, r: Round) -> RoundRecord:
         """Round t's record: the clients that sent an update, their n_k-weighted training loss,
-        the uploads so far and, when due, the test accuracy and loss of w_{t+1}."""
+        the uploads so far and, when due, the test accuracy and loss of w_{t+1}. A strategy whose
+        sample is secret (DP-FedAvg) gets neither clients nor training loss, and the expected
+        uploads (q K clients a round) in place of the real ones."""
         updates = r.updates.values()
         train_loss = strategies.weighted_mean([u.train_loss for u in updates], [u.num_examples for u in updates])
         broken = bool(r.updates) and not math.isfinite(train_loss) or not all(
@@ -205,9 +207,12 @@ class Tracker:
         if r.t % self.config.eval_every == 0 or r.t == self.config.rounds or broken:
             accuracy, loss = self.job.evaluate(r.weights)
         per_client = model_bytes(self.job.model) * self.job.strategy.uploads
-        uploaded = (self.history.records[-1].bytes_uploaded if self.history.records else 0) + len(r.updates) * per_client
-        return RoundRecord(r.t, sorted(r.updates), accuracy, loss, train_loss, time.perf_counter() - self.clock,
-                           uploaded)
+        clients = sorted(r.updates)
+        uploaded = (self.history.records[-1].bytes_uploaded if self.history.records else 0) + len(clients) * per_client
+        if self.job.strategy.secret_sample:             # q K clients a round, on average
+            clients, train_loss = [], math.nan
+            uploaded = round(self.config.frac * len(self.job.clients) * r.t * per_client)
+        return RoundRecord(r.t, clients, accuracy, loss, train_loss, time.perf_counter() - self.clock, uploaded)
 
     def interrupted(self) -> Path | None:
         """Cut the run back to its last complete round and save that; the checkpoint, if any."""

@@ -143,6 +143,7 @@ class FedAvg:
     name = "fedavg"
     knobs: tuple[str, ...] = ()        # the FedAvgConfig fields that are this method's parameters
     uploads = 1                        # models a client sends per round
+    secret_sample = False              # True: who took part must stay out of the History (DP-FedAvg)
 
     def __init__(self, w_0: Weights, num_clients: int, seed: int = 0):
         self.num_clients, self.seed = num_clients, seed
@@ -383,10 +384,12 @@ class DPFedAvg(FedAvg):
     shortens the updates, it can give the server back the length of step FedAvg would take.)
 
     The sample and the noise come from the operating system's entropy (``fedlib.privacy``):
-    nothing in a run's files regenerates the noise. The History still records each round's S_t
-    and its clients' training loss, which are not private: publish the models, not the history. ``dp_reproducible=True``
-    draws both from the run's seed instead, for teaching and tests; the seed is stored with every
-    history, so the noise can be recomputed from it and the guarantee is void.
+    nothing in a run's files regenerates the noise, and the History does not record who took part
+    (``secret_sample``: each round's clients are left out, its training loss is None and its uploads
+    are the expected q K clients'), since the guarantee counts on the sample being secret.
+    ``dp_reproducible=True`` draws both from the run's seed instead, for teaching and tests; the
+    seed is stored with every history, so the noise can be recomputed from it and the guarantee is
+    void (its History lists S_t and the training loss, as FedAvg's does).
     """
 
     name = "dp-fedavg"
@@ -404,6 +407,10 @@ class DPFedAvg(FedAvg):
     @classmethod
     def config_args(cls, config) -> dict:
         return super().config_args(config) | {"frac": config.frac}
+
+    @property
+    def secret_sample(self) -> bool:
+        return not self.reproducible
 
     @classmethod
     def check(cls, config) -> None:

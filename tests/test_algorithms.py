@@ -19,6 +19,7 @@ also checks that its method's result differs from FedAvg's by far more than the 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 
 from fedlib import Dataset, FedAvgConfig, run
 from fedlib.client import local_update
+from fedlib.metrics import History
 from fedlib.params import InputError
 from fedlib.privacy import clip, dp_aggregate, epsilon, poisson_sample, secret_normal, secret_uniform, seeded_normal
 from fedlib.seeds import noise_generator, sampling_rng, shuffle_generator
@@ -350,6 +352,25 @@ def test_a_default_dp_run_cannot_be_regenerated_from_its_files():
     assert distance(replay, w1) > 1e-3 and distance(replay, w2) > 1e-3
     again = run(FedAvgConfig(**vars(seeded) | dict(dp_reproducible=True)), data, progress=False).model.state_dict()
     assert distance(replay, again) == 0.0                           # the teaching switch is reproducible
+
+
+def test_a_default_dp_runs_history_does_not_say_who_took_part():
+    """Epsilon's amplification by sampling needs S_t secret: a default DP run's History (and its
+    JSON) records no clients, no training loss and the expected uploads q K t model sizes; the
+    seeded teaching run records S_t as FedAvg does, every client of which took part."""
+    data = data64(400)
+    config = FedAvgConfig(num_clients=20, frac=0.3, rounds=3, batch_size=10, seed=5, device="cpu",
+                          strategy="dp-fedavg", dp_clip=0.5, dp_noise=1.0)
+    model_size = 4 * sum(p.numel() for p in initial_model(config).parameters())      # float32 bytes
+    secret = run(config, data, progress=False)
+    saved = json.loads(json.dumps(secret.to_dict()))
+    for t, record in enumerate(saved["records"], start=1):
+        assert record["clients"] == [] and record["train_loss"] is None
+        assert record["bytes_uploaded"] == round(0.3 * 20 * t * model_size)
+    assert History.from_dict(saved).records[-1].test_accuracy == secret.final_accuracy
+    seeded = run(FedAvgConfig(**vars(config) | dict(dp_reproducible=True)), data, progress=False)
+    assert any(r.clients for r in seeded.records) and all(math.isfinite(r.train_loss) for r in seeded.records if r.clients)
+    assert seeded.records[-1].bytes_uploaded == sum(len(r.clients) for r in seeded.records) * model_size
 
 
 # --- epsilon ------------------------------------------------------------------------------------------

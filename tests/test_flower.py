@@ -226,9 +226,12 @@ def test_deploy_cleans_up_when_the_run_fails():
 @pytest.mark.slow
 @pytest.mark.flower
 def test_deploy_cleans_up_on_ctrl_c():
+    """Started with SIGINT ignored, as a shell starts a background job (and as this test may be
+    started): the deployment still stops on Ctrl-C, and leaves no process and no folder behind."""
     process = subprocess.Popen([sys.executable, "-m", "fedlib.flower.deploy", "--supernodes", "2",
                                 "--num-clients", "100", "--rounds", "50"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     try:
         for line in process.stdout:
@@ -239,8 +242,12 @@ def test_deploy_cleans_up_on_ctrl_c():
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:      # SIGTERM stops the federation too; kill() would orphan it
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            finally:
+                process.kill()
     assert process.returncode == 130, "".join(lines) + rest
     workdir = _workdir("".join(lines) + rest)
     assert not workdir.exists() and processes_using(workdir) == []

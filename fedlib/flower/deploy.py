@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up on SIGTERM like on Ctrl-C
+    # and on Ctrl-C however this process was started: a shell's background job (`cmd &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     run_config = to_record(config)
     began = time.perf_counter()
     try:
