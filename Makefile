@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test test-kernels setup lab book notebooks mutation clean
+.PHONY: run test test-kernels setup lab book portable notebooks mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ run: book
 NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope \
 	--nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
+# The portable copies in portable/ are not run a second time: tests/test_portable.py proves
+# that they execute exactly as their lessons (same code cells but for the install cell's
+# non-Colab branch and the #@title comments, same outputs and tags).
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 	$(NBVAL) notebooks
@@ -86,12 +89,20 @@ lab: $(VENV)/.installed
 notebooks: $(VENV)/.installed-test
 	FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python notebooks/execute.py
 
+# The portable copy of every lesson, for Colab, JupyterLab and VS Code (portable/, which the
+# launch buttons and the README's badges open): the MyST markup converted, solutions collapsed,
+# the install cell built from _config.yml's repository.url. Commit what it writes.
+portable: $(VENV)/.installed-book
+	$(BIN)/python book/portable.py
+
 # The book (Jupyter Book 1.x, configured by _config.yml and _toc.yml): check that every lesson
-# is stored with its outputs (the build renders them, it never runs them), build the site with
+# is stored with its outputs (the build renders them, it never runs them), write the portable
+# copies (make portable), build the site with
 # warnings as errors (--all: every page re-read, so no warning hides in an unchanged page),
 # then print the path of the front page.
 book: $(VENV)/.installed-book
 	$(BIN)/python book/check_outputs.py
+	$(BIN)/python book/portable.py
 	$(BIN)/jupyter-book build . -W -n --keep-going --all --quiet
 	@echo "$(CURDIR)/_build/html/index.html"
 

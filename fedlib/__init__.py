@@ -22,24 +22,42 @@ One module per concept, each importing only from the floors below it:
 
 from fedlib.version import __version__
 
-from fedlib.client import ClientResult, local_steps, local_update
-from fedlib.config import FedAvgConfig
-from fedlib.data import Dataset, DatasetCorruptError, DatasetNotFoundError, load_dataset
-from fedlib.metrics import History, RoundRecord, evaluate, rounds_to_target
-from fedlib.models import build_model, count_parameters, model_bytes
-from fedlib.params import InputError
-from fedlib.partition import class_counts, dirichlet, iid, make_partition, shards, unbalanced
-from fedlib.runner import Job, RunInterrupted, run, run_many
-from fedlib.runtime import get_device, set_threads
-from fedlib.seeds import sampling_rng, shuffle_generator
-from fedlib.server import Round, fedavg, initial_model, rounds, sample_clients
-from fedlib.strategies import STRATEGIES
+# What ``import fedlib`` offers, and the module each name comes from. The modules are imported on
+# first use (PEP 562), so that ``python -m fedlib`` can catch a Ctrl-C while torch is being imported
+# (fedlib.__main__); ``from fedlib import run`` and ``fedlib.run`` work as usual.
+_EXPORTS = {
+    "fedlib.client": ("ClientResult", "local_steps", "local_update"),
+    "fedlib.config": ("FedAvgConfig",),
+    "fedlib.data": ("Dataset", "DatasetCorruptError", "DatasetNotFoundError", "load_dataset"),
+    "fedlib.metrics": ("History", "RoundRecord", "evaluate", "rounds_to_target"),
+    "fedlib.models": ("build_model", "count_parameters", "model_bytes"),
+    "fedlib.params": ("InputError",),
+    "fedlib.partition": ("class_counts", "dirichlet", "iid", "make_partition", "shards", "unbalanced"),
+    "fedlib.runner": ("Job", "RunInterrupted", "run", "run_many"),
+    "fedlib.runtime": ("get_device", "set_threads"),
+    "fedlib.seeds": ("sampling_rng", "shuffle_generator"),
+    "fedlib.server": ("Round", "fedavg", "initial_model", "rounds", "sample_clients"),
+    "fedlib.strategies": ("STRATEGIES",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = [
-    "ClientResult", "Dataset", "DatasetCorruptError", "DatasetNotFoundError", "FedAvgConfig", "History",
-    "InputError", "Job", "Round", "RoundRecord", "RunInterrupted", "STRATEGIES", "__version__", "build_model",
-    "class_counts", "count_parameters", "dirichlet", "evaluate", "fedavg", "get_device", "iid", "initial_model",
-    "load_dataset", "local_steps", "local_update", "make_partition", "model_bytes", "rounds", "rounds_to_target",
-    "run", "run_many", "sample_clients", "sampling_rng", "set_threads", "shuffle_generator", "shards",
-    "unbalanced",
-]
+__all__ = sorted(["__version__", *_MODULE_OF])
+
+
+def __getattr__(name: str):
+    """A name of ``_EXPORTS``, or a submodule (``fedlib.metrics``), imported on first use."""
+    import importlib
+    import importlib.util
+
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"fedlib.{name}") is not None:
+        value = importlib.import_module(f"fedlib.{name}")
+    else:
+        raise AttributeError(f"module 'fedlib' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

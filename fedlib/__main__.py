@@ -1,5 +1,34 @@
-"""``python -m fedlib``: see :mod:`fedlib.cli`."""
+"""``python -m fedlib`` and the ``fedlib`` command: see :mod:`fedlib.cli`.
 
-from fedlib.cli import main
+Importing the command line imports torch, which takes a second or more; a Ctrl-C meanwhile
+ends the program with one line and exit status 130, like a Ctrl-C anywhere later (the package
+``fedlib`` itself imports nothing heavy until a name of it is used). Only the first Ctrl-C (or
+SIGTERM) interrupts: the ones after it are ignored, so that the checkpoint being saved and the
+line saying so are never cut short, and no traceback is printed.
+"""
 
-raise SystemExit(main())
+import signal
+import sys
+
+
+def first_interrupt_only(signum, frame) -> None:
+    """SIGINT and SIGTERM: raise KeyboardInterrupt once, and ignore both from then on."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def launch() -> int:
+    """Import and run :func:`fedlib.cli.main`; the exit status."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, first_interrupt_only)
+    try:
+        from fedlib.cli import main
+    except KeyboardInterrupt:
+        print("fedlib: interrupted", file=sys.stderr)
+        return 130
+    return main(terminate=first_interrupt_only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(launch())

@@ -5,13 +5,15 @@ The file holds only tensors and plain Python values and is read with
 code. What it holds is then checked like any input a user can hand us: the configuration
 must be the run's own, every weight tensor dense, floating point, finite and of the model's
 shape, the History well formed with one record per round done, and the strategy's state of
-the right shapes (the strategy checks it). The path is checked when the run starts, so a
-path that cannot be written is refused before any training.
+the right shapes (the strategy checks it). Anything else in the file (another key, a
+value that is not plain data, nesting deeper than a checkpoint has) is refused too. The path
+is checked when the run starts, so a path that cannot be written is refused before any training.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,9 +22,10 @@ import torch
 from fedlib import params as P
 from fedlib.client import Weights
 from fedlib.config import FedAvgConfig
-from fedlib.files import atomic_write_bytes, check_output
+from fedlib.files import MAX_JSON_DEPTH, atomic_write_bytes, check_output
 from fedlib.metrics import History
 from fedlib.params import InputError
+from fedlib.strategies import checked_tensors
 
 # Rounds between two checkpoints of a run (it is also saved when it ends and when it is
 # interrupted): the default of fedlib.run, the command line and the reproduction's runs.
@@ -57,7 +60,9 @@ class Checkpoint:
             return None
         fix = "delete it or pass another checkpoint path"
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():              # torch's notes on what it checks: our message says it
+                warnings.simplefilter("ignore")
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:                       # whatever the file holds, it is not ours
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise InputError(f"checkpoint {self.path} is not a fedlib checkpoint that can be read safely "
@@ -65,37 +70,54 @@ class Checkpoint:
         try:
             if not isinstance(saved, dict) or saved.get("format") != FORMAT:
                 raise InputError(f"it is not a fedlib checkpoint ({FORMAT})")
-            if saved.get("config") != asdict(self.config):
+            if set(saved) != {"format", "config", "weights", "history", "state"}:
+                raise InputError(f"it must hold exactly format, config, weights, history and state, got "
+                                 f"{sorted(map(str, saved))}")
+            if not plain(saved["config"]) or not plain(saved["history"]):
+                raise InputError("its config and history must be plain values (text, numbers, lists, mappings)")
+            if saved["config"] != asdict(self.config):
                 raise InputError("it belongs to a run with another configuration")
-            weights = checked_weights(saved.get("weights"), w_0)
-            history = History.from_dict(saved.get("history"))
+            weights = checked_weights(saved["weights"], w_0)
+            history = History.from_dict(saved["history"])
             if history.config != asdict(self.config) | {"engine_used": history.config.get("engine_used")}:
                 raise InputError("its history belongs to a run with another configuration")
             rounds = [r.round for r in history.records]
             if rounds != list(range(1, len(rounds) + 1)) or len(rounds) > self.config.rounds:
                 raise InputError(f"its history must hold rounds 1, 2, ... of at most {self.config.rounds}, "
                                  f"got {len(rounds)} records")
-            state = saved.get("state")
+            state = saved["state"]
             if not isinstance(state, dict):
                 raise InputError("it holds no strategy state")
         except InputError as error:
             raise InputError(f"checkpoint {self.path}: {error}; {fix}") from None
+        except RecursionError:
+            raise InputError(f"checkpoint {self.path}: it nests too deep to be a fedlib checkpoint; {fix}") from None
         return weights, history, state
 
 
 def checked_weights(weights: object, like: Weights) -> Weights:
     """Saved weights, checked tensor by tensor against the model's (``like``): the same names,
     dense, floating point, finite, the same shapes; returned on ``like``'s device and dtype."""
-    if not isinstance(weights, dict) or set(weights) != set(like):
-        raise InputError(f"it must hold the model's weights {sorted(like)}")
-    for name, w in weights.items():
-        ref = like[name]
-        if not isinstance(w, torch.Tensor) or w.layout != torch.strided or w.is_meta or not w.is_floating_point() \
-                or tuple(w.shape) != tuple(ref.shape):
-            raise InputError(f"its weight {name} must be a dense float tensor of shape {tuple(ref.shape)}")
-        if not torch.isfinite(w).all():
-            raise InputError(f"its weight {name} holds inf or nan")
-    return {name: weights[name].to(device=like[name].device, dtype=like[name].dtype) for name in like}
+    return checked_tensors(weights, like, "its weights")
+
+
+def plain(value: object, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` is made of JSON's values only (mappings with text keys, lists, text,
+    numbers, True/False/None), nested at most ``max_depth`` deep; walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            return False
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        elif item is not None and not isinstance(item, (str, bool, int, float)):
+            return False
+    return True
 
 
 def _to_cpu(value):

@@ -6,10 +6,22 @@
 
 The flags of ``train`` are built from the fields of :class:`~fedlib.config.FedAvgConfig`
 (their help, defaults and ranges), so the command line accepts exactly what the library
-does. Bad flags, values or files exit with status 2 and one line saying what is wrong;
-a missing dataset exits with 1 and says where to put it; Ctrl-C (or SIGTERM) saves the
-run's checkpoint, if it has one, says how to resume and exits with 130. Anything else is
-a bug and shows its traceback.
+does. Every command ends with one of these exit statuses, and with one line on stderr for
+each but 0 and 3:
+
+- 0: done;
+- 1: the environment failed, not the input: a missing dataset (the line says where to put it),
+  or an output that could not be written after the training (a full disk: the line says where
+  the run was kept, its checkpoint, and how to write the output again);
+- 2: bad input: a flag, a value, a file given or found (a history, a result, a checkpoint, a
+  dataset), an output path, or a run too large for the memory; nothing was trained or written;
+- 3: ``train`` ran, but its training diverged (a loss or the model is not a finite number): the
+  summary line says so and that its accuracy means nothing, the history (if saved) says
+  ``"diverged": true`` with its non-finite losses as null;
+- 130: interrupted (Ctrl-C or SIGTERM, at any moment, imports included): the run's checkpoint,
+  if it has one, was saved, and the line says how to resume.
+
+Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -23,12 +35,12 @@ from pathlib import Path
 
 from fedlib import params as P
 from fedlib.checkpoint import CHECKPOINT_EVERY
-from fedlib.config import FedAvgConfig
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import DatasetNotFoundError
 from fedlib.files import check_folder, check_output
 from fedlib.metrics import History, rounds_to_target
 from fedlib.params import InputError
-from fedlib.runtime import DEVICES
+from fedlib.runtime import DEVICES, signals_held
 
 
 class UsageError(Exception):
@@ -69,8 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             shown = allowed.none_words[0] if default is None and allowed.none else default
             parser.add_argument(flag, dest=f.name, type=flag_type(allowed), default=default,
                                 metavar=allowed.symbol.upper() or None,
-                                help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])} "
-                                     f"(default {shown})")
+                                help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])}"
+                                     f"{allowed.limit_text()} (default {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from fedlib import reproduce as R
+    from fedlib.files import WriteError
     from fedlib.runtime import set_threads
 
     tables = R.TABLES if args.table is None else (args.table,)
     if args.table is None and not args.list:
         raise UsageError("fedlib reproduce: --table is required (" + ", ".join(R.TABLES) + "), except with --list")
     if args.summary:
-        out = args.out or R.DEFAULT_OUT[args.table]
+        out = _out_folder(R, args)
         names = {s.name for s in R.select(R.settings_of(args.table), args.model, args.partition, args.only)}
         for row in R.comparison_rows(args.table, out, (args.seeds or [0])[0]):
             if row["setting"] in names:
@@ -142,7 +155,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.list:
         seen: set = set()
         for table in tables:                       # each table's runs, done and pending
-            out = args.out or R.DEFAULT_OUT[table]
+            out = _out_folder(R, args, table)
             if len(tables) > 1:
                 print(f"# table {table} ({out})")
             counts = _list_runs(R, _jobs(R, table, out, args), out, seen)
@@ -150,12 +163,18 @@ def _reproduce(args: argparse.Namespace) -> int:
                 print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
         return 0
     set_threads(args.threads)
-    out = args.out or R.DEFAULT_OUT[args.table]
+    out = _out_folder(R, args)
     check_folder(out)
     together = {"auto": None, "on": True, "off": False}[args.together]      # None: on a GPU only
     jobs = _jobs(R, args.table, out, args)
     while True:
-        results = R.sweep(jobs, out, args.device, args.max_rounds, progress=not args.no_progress, together=together)
+        try:
+            results = R.sweep(jobs, out, args.device, args.max_rounds, progress=not args.no_progress,
+                              together=together)
+        except WriteError as error:
+            raise OutputLost(f"{error}; every finished run keeps its checkpoint in {Path(out) / '.checkpoints'}: "
+                             "free some space and run the same command again, which writes their results "
+                             "without training them again") from None
         more = _jobs(R, args.table, out, args) if args.table == "beyond" else jobs   # lesson 8's plan grows
         if len(more) == len(jobs):
             break
@@ -163,6 +182,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     reached = sum(r["reached"] for r in results)
     print(f"{len(results)} runs in {out}: {reached} reached their target")
     return 0
+
+
+def _out_folder(R, args: argparse.Namespace, table: str | None = None) -> str:
+    """--out, or the table's default folder; an empty name is refused (it is not a folder)."""
+    if args.out is not None and not args.out:
+        raise InputError("--out must name a folder, got an empty name")
+    return args.out or R.DEFAULT_OUT[table or args.table]
 
 
 def _jobs(R, table: str, out: str, args: argparse.Namespace) -> list:
@@ -207,26 +233,58 @@ def _list_runs(R, jobs: list, out: str, seen: set) -> dict[str, int]:
     return counts
 
 
+# Exit statuses (see the module docstring).
+DONE, FAILED, BAD_INPUT, DIVERGED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class OutputLost(Exception):
+    """An output could not be written after the work was done: one line, exit status 1."""
+
+
 def _train(args: argparse.Namespace) -> int:
+    from fedlib.files import WriteError
     from fedlib.runner import run
     from fedlib.runtime import set_threads
 
     set_threads(args.threads)
     config = FedAvgConfig(**{f.name: getattr(args, f.name) for f in fields(FedAvgConfig)}).validate()
-    if args.out:
-        out = check_output(args.out)                 # refused now, not after the training
-        if args.checkpoint and out == Path(args.checkpoint).resolve():
+    checkpoint = None if args.checkpoint is None else check_output(args.checkpoint, what="--checkpoint")
+    if args.out is not None:                         # refused now, not after the training
+        out = check_output(args.out, what="--out")
+        if out == checkpoint:
             raise InputError("--out and --checkpoint must be different files")
-    history = run(config, progress=not args.no_progress, checkpoint=args.checkpoint,
-                  checkpoint_every=args.checkpoint_every)
-    if args.out:
-        history.save(args.out)
-    print(summary(history, config) + (f", saved {args.out}" if args.out else ""))
-    return 0
+    kept = (f"the run is kept in {args.checkpoint}: free some space and run the same command again, which "
+            "resumes there" if args.checkpoint else "the run was not kept (--checkpoint FILE keeps a run through "
+                                                    "this)")
+    try:
+        history = run(config, progress=not args.no_progress, checkpoint=args.checkpoint,
+                      checkpoint_every=args.checkpoint_every)
+    except WriteError as error:                      # the checkpoint, during the training
+        raise OutputLost(f"{error}; the training stopped, " + (
+            f"and {args.checkpoint} holds the run as it was last saved: free some space and run the same "
+            "command again to go on from there" if args.checkpoint else "and nothing was kept")) from None
+    if args.out is not None:
+        try:
+            history.save(args.out)
+        except WriteError as error:
+            raise OutputLost(f"{error}; {kept} and only writes {args.out}" if args.checkpoint
+                             else f"{error}; {kept}") from None
+    print(summary(history, config) + (f", saved {args.out}" if args.out is not None else ""))
+    return DIVERGED if history.diverged else DONE
 
 
 def summary(history: History, config: FedAvgConfig) -> str:
-    """One line: the final and best accuracy, rounds to the target, time."""
+    """One line: the final and best accuracy, rounds to the target, time; for a run whose training
+    diverged, that it did, in which round, and the best accuracy before it."""
+    if history.diverged:
+        last, before = history.records[-1], History(history.config, history.records[:-1])
+        text = (f"training DIVERGED in round {last.round} (a loss or the model is not a finite number): the "
+                f"result cannot be trusted and its accuracy means nothing; ")
+        text += (f"best accuracy before it {before.best_accuracy:.4f} (round "
+                 f"{before.rounds[before.accuracies.index(before.best_accuracy)]})" if before.accuracies
+                 else "no round before it was evaluated")
+        return text + f"; smaller steps (lr = {config.lr:g}, or the method's server step) usually help, " \
+                      f"{history.seconds:.1f} s"
     if history.accuracies:
         best_round = history.rounds[history.accuracies.index(history.best_accuracy)]
         text = (f"final accuracy {history.final_accuracy:.4f}, best {history.best_accuracy:.4f} "
@@ -240,46 +298,65 @@ def summary(history: History, config: FedAvgConfig) -> str:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from fedlib.files import WriteError
     from fedlib.plotting import save_accuracy_plot
 
-    histories = [History.load(path) for path in args.runs]
+    histories = [load_history(path) for path in args.runs]
     if args.labels is not None and len(args.labels) != len(histories):
         raise InputError(f"--labels must give one label per run ({len(histories)}), got {len(args.labels)}")
-    check_output(args.out)
-    save_accuracy_plot(histories, args.out, args.labels, target=args.target, title=args.title)
+    check_output(args.out, inputs=tuple(args.runs), what="--out")
+    try:
+        save_accuracy_plot(histories, args.out, args.labels, target=args.target, title=args.title)
+    except WriteError as error:
+        raise OutputLost(f"{error}; nothing else was changed: free some space and run the same command again") from None
     print(f"wrote {args.out}")
     return 0
+
+
+def load_history(path: str) -> History:
+    """A history file given to ``plot``, checked whole: its fields (:meth:`History.load`) and its
+    configuration (a FedAvgConfig of a run)."""
+    history = History.load(path)
+    try:
+        saved_config(history.config)
+    except InputError as error:
+        raise InputError(f"not a fedlib history file: {path} (its config: {error})") from None
+    return history
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 missing data, 2 bad input, 130 interrupted)."""
-    from fedlib.runner import RunInterrupted
-
+def main(argv: list[str] | None = None, terminate=_interrupt) -> int:
+    """Entry point; returns the exit status (module docstring: 0 done, 1 the environment failed,
+    2 bad input, 3 the training diverged, 130 interrupted). terminate: SIGTERM's handler while it
+    runs, one that raises KeyboardInterrupt (``fedlib.__main__`` passes one that also ignores every
+    signal after the first)."""
     command = "fedlib"
-    previous = signal.signal(signal.SIGTERM, _interrupt)     # stop like Ctrl-C: save, then exit 130
+    previous = signal.signal(signal.SIGTERM, terminate)      # stop like Ctrl-C: save, then exit 130
     try:
-        args = build_parser().parse_args(argv)
-        command = f"fedlib {args.command}"
-        return {"train": _train, "plot": _plot, "reproduce": _reproduce}[args.command](args)
+        try:
+            args = build_parser().parse_args(argv)
+            command = f"fedlib {args.command}"
+            return {"train": _train, "plot": _plot, "reproduce": _reproduce}[args.command](args)
+        except KeyboardInterrupt as stop:                     # RunInterrupted says what was saved
+            with signals_held():
+                runner = sys.modules.get("fedlib.runner")
+                text = str(stop) if runner and isinstance(stop, runner.RunInterrupted) else "interrupted"
+                print(f"{command}: {text}", file=sys.stderr)
+            return INTERRUPTED
     except UsageError as error:
         print(error, file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except InputError as error:
         print(f"{command}: {error}", file=sys.stderr)
-        return 2
-    except DatasetNotFoundError as error:
-        print(error, file=sys.stderr)
-        return 1
-    except RunInterrupted as stop:
-        print(f"{command}: {stop}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        return BAD_INPUT
+    except (DatasetNotFoundError, OutputLost) as error:
+        print(error if isinstance(error, DatasetNotFoundError) else f"{command}: {error}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:                                 # a second Ctrl-C while the first was reported
+        return INTERRUPTED
     except BrokenPipeError:                                   # e.g. `... --list | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

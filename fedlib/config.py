@@ -14,7 +14,7 @@ the one named is refused, so nothing is silently ignored.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,7 @@ def knob(default: Any, help: str, range: P.Range | None = None, choices: tuple |
 
 def method_range(allowed: P.Range) -> P.Range:
     """A method knob's range, with None for the method's own default."""
-    return P.Range(allowed.kind, allowed.low, allowed.high, allowed.low_open, allowed.high_open,
-                   none=METHOD_DEFAULT, symbol=allowed.symbol, none_words=("default",))
+    return replace(allowed, none=METHOD_DEFAULT, none_words=("default",))
 
 
 @dataclass
@@ -113,15 +112,24 @@ class FedAvgConfig:
                                         "guarantee (the seed is saved with the run)", group="method")
 
     def validate(self) -> "FedAvgConfig":
-        """Raise InputError (a ValueError) naming the first parameter outside its allowed range."""
+        """Raise InputError (a ValueError) naming the first parameter outside its allowed range.
+
+        A number of another type that is in range (numpy's ints and floats, a Fraction, numpy's
+        bool for a flag) is accepted and replaced here by the plain int, float or bool it equals,
+        so that the run's saved files hold plain values that read back as this configuration."""
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            if isinstance(f.default, bool) and not isinstance(value, bool):
-                raise InputError(f"{f.name} must be True or False, got {value!r}")
-            if meta["choices"] is not None and (not isinstance(value, str) or value not in meta["choices"]):
-                raise InputError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
-            if meta["range"] is not None:
-                meta["range"].check(f.name, value)
+            if isinstance(f.default, bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise InputError(f"{f.name} must be True or False, got {P.shown(value)}")
+                value = bool(value)
+            elif meta["choices"] is not None:
+                if not isinstance(value, str) or value not in meta["choices"]:
+                    raise InputError(f"{f.name} must be one of {meta['choices']}, got {P.shown(value)}")
+                value = str(value)
+            elif meta["range"] is not None:
+                value = meta["range"].convert(f.name, value)
+            setattr(self, f.name, value)
         if self.stop_at_target and self.target is None:
             raise InputError("stop_at_target needs a target accuracy (target, --target), got none")
         method = STRATEGIES[self.strategy]
@@ -163,6 +171,23 @@ class FedAvgConfig:
 
 FIELD_DEFAULTS = {f.name: f.default for f in fields(FedAvgConfig)}
 RECORDED = {"engine_used"}          # what a run adds to its saved config
+# The fields every saved configuration has held since the first FedAvgConfig: one missing is not a
+# run's configuration (fields added later take their defaults, which are what runs did before them).
+ALWAYS_SAVED = ("dataset", "model", "partition", "num_clients", "frac", "local_epochs", "batch_size", "lr", "rounds",
+                "seed", "eval_every", "device", "engine", "momentum", "weight_decay", "shards_per_client",
+                "shard_size", "alpha", "min_size", "sigma", "target", "stop_at_target")
+
+
+def saved_config(data: object) -> FedAvgConfig:
+    """The configuration saved with a run (a History's, a reproduction result's), checked whole: a
+    mapping that names every field of ALWAYS_SAVED (and no unknown one) and is valid; InputError
+    says what is wrong."""
+    if not isinstance(data, dict):
+        raise InputError(f"a run's config must be a mapping of its parameters, got {type(data).__name__}")
+    missing = [name for name in ALWAYS_SAVED if name not in data]
+    if missing:
+        raise InputError(f"a run's config names all its parameters, and this one lacks {missing}")
+    return FedAvgConfig.from_dict(data).validate()
 
 
 # Before methods were strategies (fedlib <= 0.1 files): flags, and the knob defaults that meant FedAvg.

@@ -158,14 +158,22 @@ def _corrupt_message(name: str, root: Path, reason: str) -> str:
             f"({reason.strip().splitlines()[0][:120]}); replace them with the original files")
 
 
+# The shape of one image of each dataset as torchvision reads it (MNIST: H x W; CIFAR-10: H x W x C).
+IMAGE_SHAPES = {"mnist": (28, 28), "fashion-mnist": (28, 28), "cifar10": (32, 32, 3)}
+
+
 def _check_shapes(name: str, root: Path, raw):
-    """The images and labels of a torchvision dataset must agree in number, and labels be classes."""
+    """The images and labels of a torchvision dataset must agree in number, the labels be classes
+    and every image have the dataset's shape (28 x 28 for MNIST: files of 5 x 5 images are not MNIST)."""
     images, labels = np.asarray(raw.data), np.asarray(raw.targets)
-    expected = 4 if name == "cifar10" else 3
-    if images.ndim != expected or len(images) != len(labels) or len(labels) == 0 \
-            or labels.min() < 0 or labels.max() >= len(raw.classes):
+    if images.ndim != 1 + len(IMAGE_SHAPES[name]) or len(images) != len(labels) or len(labels) == 0 \
+            or labels.ndim != 1 or labels.min() < 0 or labels.max() >= len(raw.classes):
         raise DatasetCorruptError(_corrupt_message(
             name, root, f"images {images.shape} and labels {labels.shape} do not make a labelled dataset"))
+    if images.shape[1:] != IMAGE_SHAPES[name]:
+        raise DatasetCorruptError(_corrupt_message(
+            name, root, f"its images are {' x '.join(map(str, images.shape[1:]))}, and {name}'s are "
+                        f"{' x '.join(map(str, IMAGE_SHAPES[name]))}"))
     return raw
 
 
@@ -202,7 +210,7 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None,
     fails a :class:`DatasetNotFoundError` says where we looked and how to fix it.
     """
     if name not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+        raise InputError(f"name must be one of {DATASETS}, got {name!r}")
     if name == "shakespeare":
         from fedlib import shakespeare
         return shakespeare.load(device=device)

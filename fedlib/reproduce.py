@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,10 +39,11 @@ from typing import Iterable, Sequence
 from tqdm.auto import tqdm
 
 from fedlib.client import local_steps
-from fedlib.config import FedAvgConfig
+from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import Dataset, load_dataset
 from fedlib.engine.lockstep import batch_key, refusal
-from fedlib.files import atomic_write_text
+from fedlib import params as P
+from fedlib.files import atomic_write_text, load_json, to_json
 from fedlib.metrics import History, rounds_to_target
 from fedlib.params import InputError
 from fedlib.runner import run, run_many
@@ -406,7 +408,7 @@ def save_result(setting: Setting, lr: float, seed: int, cap: int, history: Histo
         "command": command_for(setting, lr, seed, cap), "together": together,
         "history": history.to_dict(),
     }
-    text = json.dumps(result, indent=1)
+    text = to_json(result)
     atomic_write_text(result_path(setting, lr, seed, out_dir), text)
     checkpoint_path(setting, lr, seed, out_dir).unlink(missing_ok=True)
     return json.loads(text)                    # as a later sweep reads it back (tuples as lists)
@@ -481,25 +483,68 @@ RESULT_FIELDS = {"setting": dict, "lr": (int, float), "seed": int, "round_cap": 
                  "rounds_to_target": (int, float, type(None)), "reached": bool, "diverged": (bool, type(None)),
                  "rounds_run": int, "best_accuracy": (int, float, type(None)), "wall_seconds": (int, float),
                  "device": str, "versions": dict, "command": str, "together": (int, type(None)), "history": dict}
+OPTIONAL = ("diverged", "together")
 
 
 def load_result(path: str | Path) -> dict:
-    """One saved run; InputError names a file that is not a result of this runner."""
+    """One saved run, checked field by field (:func:`check_result`); InputError names a file that is
+    not a result of this runner and the first field that is wrong."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return check_result(load_json(path))
+    except (FileNotFoundError, InputError) as error:
         raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
-    wrong = [k for k, kind in RESULT_FIELDS.items() if not isinstance(data, dict) or not isinstance(data.get(k), kind)]
-    if not wrong and not isinstance(data["setting"].get("name"), str):
-        wrong = ["setting.name"]
-    if wrong:
-        raise InputError(f"{path} is not a reproduction result (missing or wrong: {', '.join(wrong)}); "
-                         "delete it to run it again")
+
+
+def check_result(data: object) -> dict:
+    """A result's fields, each of its type (RESULT_FIELDS; a bool is not a number) and in its range:
+    lr a rate eta, seed a seed, round_cap a number of rounds, rounds_run that of the history's
+    records, rounds_to_target None or a number of rounds in [1, rounds_run] and None exactly when
+    ``reached`` is false, best_accuracy the history's, wall_seconds finite and >= 0, versions names
+    to version strings, together None or >= 1; setting a Setting whose name is ``setting.name``;
+    history a History (:func:`fedlib.metrics.check_history`) of this run's configuration (its lr and
+    seed). Returns ``data``."""
+    if not isinstance(data, dict):
+        raise InputError(f"a result must be a mapping of its fields, got {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - set(RESULT_FIELDS)))
+    wrong = [k for k, kind in RESULT_FIELDS.items() if (k in data or k not in OPTIONAL)
+             and (not isinstance(data.get(k), kind) or (isinstance(data.get(k), bool) and bool not in _kinds(kind)))]
+    if unknown or wrong:
+        raise InputError(f"missing or wrong: {', '.join(wrong + unknown)}")
+    history = History.from_dict(data["history"])
     try:
-        History.from_dict(data["history"])
+        config = saved_config(history.config)
     except InputError as error:
-        raise InputError(f"{path} is not a reproduction result ({error}); delete it to run it again") from None
+        raise InputError(f"its history's config: {error}") from None
+    checks = [
+        ("lr", P.LR.contains(data["lr"]) and data["lr"] == config.lr, "a rate eta > 0, the history's"),
+        ("seed", P.SEED.contains(data["seed"]) and data["seed"] == config.seed, "a seed, the history's"),
+        ("round_cap", P.ROUNDS.contains(data["round_cap"]), "a number of rounds >= 1"),
+        ("rounds_run", data["rounds_run"] == len(history.records), f"the history's {len(history.records)} rounds"),
+        ("rounds_to_target", data["rounds_to_target"] is None or 1 <= data["rounds_to_target"] <= data["rounds_run"],
+         "None or a number of rounds in [1, rounds_run]"),
+        ("reached", data["reached"] == (data["rounds_to_target"] is not None), "whether rounds_to_target is given"),
+        ("best_accuracy", data["best_accuracy"] == history.best_accuracy, "the history's best accuracy"),
+        ("wall_seconds", 0 <= data["wall_seconds"] < math.inf, "a finite number of seconds >= 0"),
+        ("versions", all(isinstance(v, str) for v in data["versions"].values()), "names to version strings"),
+        ("together", data.get("together") is None or data["together"] >= 1, "None or a number of runs >= 1"),
+    ]
+    for field, ok, allowed in checks:
+        if not ok:
+            raise InputError(f"its {field} must be {allowed}, got {P.shown(data[field])}")
+    setting = data["setting"]
+    known = {f.name for f in dataclass_fields(Setting)}
+    try:
+        named = Setting(**{k: tuple(map(tuple, v)) if k == "knobs" else tuple(v) if k == "lrs" else v
+                           for k, v in setting.items() if k != "name"}).name
+    except (TypeError, ValueError):
+        named = None
+    if set(setting) - known - {"name"} or not isinstance(setting.get("name"), str) or named != setting["name"]:
+        raise InputError(f"its setting must be a setting of a table with its name, got name {P.shown(setting.get('name'))}")
     return data
+
+
+def _kinds(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
 
 
 def load_results(out_dir: str | Path) -> list[dict]:

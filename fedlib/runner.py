@@ -27,13 +27,13 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from fedlib import strategies
-from fedlib.backends import make_backend, resolve_engine
+from fedlib.backends import make_backend, resolve_engine, round_bytes
 from fedlib.checkpoint import CHECKPOINT_EVERY, Checkpoint
 from fedlib.client import Weights
 from fedlib.config import FedAvgConfig
@@ -42,7 +42,8 @@ from fedlib.engine.lockstep import Lockstep
 from fedlib.metrics import History, RoundRecord, diverged, evaluate
 from fedlib.models import model_bytes
 from fedlib.params import InputError
-from fedlib.runtime import get_device
+from fedlib.partition import check_split
+from fedlib.runtime import available_memory, get_device, signals_held
 from fedlib.server import Clients, Round, initial_model, rounds
 
 __all__ = ["CHECKPOINT_EVERY", "Job", "RunInterrupted", "Tracker", "finished", "run", "run_many"]
@@ -90,8 +91,9 @@ class Job:
         except ValueError as error:
             raise InputError(f"model {config.model!r} does not fit dataset {config.dataset!r}: {error}") from None
         self.w_0 = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
-        self.clients = [torch.as_tensor(idx, device=self.device)
-                        for idx in config.split(self.data.y_train, self.data.clients)]        # the P_k
+        parts = config.split(self.data.y_train, self.data.clients)
+        check_split(parts, len(self.data.y_train), f"partition {config.partition!r} of {config.num_clients} clients")
+        self.clients = [torch.as_tensor(idx, device=self.device) for idx in parts]        # the P_k
         self.strategy = strategies.build(config, self.w_0)
         if backend is None:
             self.engine = resolve_engine(config.engine, self.model)
@@ -99,6 +101,14 @@ class Job:
         else:
             self.engine = getattr(backend, "name", type(backend).__name__.lower())
         self.backend = backend
+
+    def round_bytes(self) -> int:
+        """The memory one round of this run asks for, estimated before it is allocated
+        (:func:`fedlib.backends.round_bytes`; a backend of the caller's own counts as sequential)."""
+        engine = self.engine if self.engine in ("sequential", "vectorized") else "sequential"
+        state = {"scaffold": self.config.num_clients + 1, "fedadam": 2, "fedyogi": 2, "fedavgm": 1}
+        return round_bytes(engine, self.model, self.data.x_train, [len(c) for c in self.clients], self.config,
+                           state.get(self.config.strategy, 0))
 
     def history(self) -> History:
         return History(config=asdict(self.config) | {"engine_used": self.engine}, device=str(self.device))
@@ -111,6 +121,27 @@ class Job:
     def random_state(self):
         """Keep the caller's random state as it was (the backends seed torch for dropout)."""
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+
+# A run is refused when one round would need more than this share of the memory still available
+# on its device (the rest is for the data loaded after the check, the evaluation and everything else).
+MEMORY_SHARE = 0.8
+
+
+def check_memory(jobs: Sequence[Job]) -> None:
+    """Refuse (InputError, before any round allocates it) runs whose rounds together would need more
+    than MEMORY_SHARE of the memory available on their device, with the estimate and how to lower it."""
+    need = sum(job.round_bytes() for job in jobs)
+    free = available_memory(jobs[0].device)
+    if free is not None and need > MEMORY_SHARE * free:
+        c = jobs[0].config
+        m = strategies.num_selected(c.num_clients, c.frac)
+        runs = f"{len(jobs)} runs of " if len(jobs) > 1 else ""
+        raise InputError(f"{runs}m = {m} clients a round (K = {c.num_clients}, C = {c.frac:g}) would need about "
+                         f"{need / 2**30:.1f} GiB on the {jobs[0].device.type} ({m} models of "
+                         f"{model_bytes(jobs[0].model) // 4:,} parameters, the training's batches and state), more "
+                         f"than {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available there; lower frac (C), "
+                         "num_clients (K), local_epochs (E) or batch_size (B)")
 
 
 def finished(history: History, config: FedAvgConfig) -> bool:
@@ -131,7 +162,11 @@ class Tracker:
         saved = self.saver.load(job.w_0) if self.saver else None
         if saved:
             self.w_t, history, state = saved
-            job.strategy.load_state_dict(state)
+            try:
+                job.strategy.load_state_dict(state)
+            except InputError as error:
+                raise InputError(f"checkpoint {self.saver.path}: {error}; delete it or pass another checkpoint "
+                                 "path") from None
             self.history.records = history.records
         self.last = (self.w_t, len(self.history.records), job.strategy.state_dict())
         self.clock = time.perf_counter()
@@ -200,7 +235,8 @@ def interrupts(trackers: Sequence[Tracker]) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        saved = [path for path in (t.interrupted() for t in trackers) if path is not None]
+        with signals_held():                # a second Ctrl-C must not cut the save short
+            saved = [path for path in (t.interrupted() for t in trackers) if path is not None]
         raise RunInterrupted([len(t.history.records) for t in trackers], saved) from None
 
 
@@ -220,12 +256,17 @@ def run(config: FedAvgConfig, data: Dataset | None = None, *, progress: bool = T
     run starts, the run resumes from it and gives the same History as an uninterrupted run.
     on_round: called with each round's record. clients: a backend of your own (Flower's, say)
     instead of the engine ``config.engine`` picks. A run whose training diverges stops in that
-    round with a warning. Random numbers come from ``fedlib.seeds``; the caller's random state is
+    round with a warning (``history.diverged``). Before any training, InputError refuses a split
+    that leaves a client without examples and a round that would need more memory than the device
+    has available (:func:`check_memory`); TypeError a config, data or on_round of the wrong kind. Random numbers come from ``fedlib.seeds``; the caller's random state is
     left alone.
     """
     if on_round is not None and not callable(on_round):
         raise TypeError(f"on_round must be a function of a RoundRecord (or None), got {type(on_round).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {type(progress).__name__}")
     job = Job(config, data, clients)
+    check_memory([job])
     track = Tracker(job, checkpoint, checkpoint_every)
     c = job.config
     with job.random_state(), progress_bar(c.rounds, len(track.history.records), progress,
@@ -258,9 +299,16 @@ def run_many(configs: Sequence[FedAvgConfig], data: Dataset | None = None, *, pr
     dataset all runs train on (else loaded by name). checkpoints: one path (or None) per run.
     on_round: called with (the run's position, its round's record).
     """
+    if isinstance(configs, FedAvgConfig) or not isinstance(configs, Iterable):
+        raise TypeError(f"configs must be a list of FedAvgConfig, got {type(configs).__name__}")
     configs = list(configs)
     if not configs:
         raise InputError("configs must hold at least one run, got none")
+    if not all(isinstance(c, FedAvgConfig) for c in configs):
+        raise TypeError("configs must be a list of FedAvgConfig, got "
+                        + ", ".join(sorted({type(c).__name__ for c in configs})))
+    if on_round is not None and not callable(on_round):
+        raise TypeError(f"on_round must be a function of (run, RoundRecord) (or None), got {type(on_round).__name__}")
     if checkpoints is not None and len(checkpoints) != len(configs):
         raise InputError(f"checkpoints must hold one path (or None) per run ({len(configs)}), got {len(checkpoints)}")
     first = configs[0].validate()
@@ -269,6 +317,7 @@ def run_many(configs: Sequence[FedAvgConfig], data: Dataset | None = None, *, pr
     lockstep = Lockstep()
     jobs = [Job(c, data, lockstep.member(i)) for i, c in enumerate(configs)]
     lockstep.join(jobs, max_examples_per_step)
+    check_memory(jobs)
     trackers = [Tracker(job, checkpoints[i] if checkpoints else None, checkpoint_every) for i, job in enumerate(jobs)]
     loops = {i: rounds(t.w_t, job.backend, job.strategy, job.config.num_clients, job.config.frac,
                        job.config.rounds, t.next_round) for i, (job, t) in enumerate(zip(jobs, trackers))}

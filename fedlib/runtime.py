@@ -6,7 +6,11 @@ one place and never hard-coded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from typing import Iterator
 
 import torch
 
@@ -52,3 +56,39 @@ def set_threads(num_threads: int | None = None) -> int:
     P.THREADS.check("num_threads", num_threads)
     torch.set_num_threads(num_threads)
     return num_threads
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes a run may still allocate on ``device``: a CUDA device's free memory, or for the CPU the
+    memory the kernel says is available (``MemAvailable`` of /proc/meminfo: free memory plus caches
+    it can drop; elsewhere the free pages of ``os.sysconf``). None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are swallowed inside (in the main thread; other threads get no signals):
+    what runs there (a checkpoint being saved, the line saying so) is not cut short by a second
+    Ctrl-C, and the program stops right after anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -8,8 +8,11 @@ widget state, no timing or personal metadata, kernel ``python3``.
 It also measures how long each lesson took and keeps it in ``notebooks/timings.json``
 (with the machine and the date), which then writes the **Time:** line at the top of
 every lesson and the table of times in ``book/setup.md``: the times a reader sees are
-always the last measurement, never a number typed by hand. Times measured on a GPU
-(``../shared/gpu-check``, the full profile) go into the same file under ``full-gpu``.
+always the last measurement, never a number typed by hand. The Time line is a reader's
+time: the lesson's words at an average reading rate (READING_WPM, cited), plus the quick
+profile's measured run, plus the measured install in Colab (``colab-install``, written by
+``notebooks/measure_install.py``). Times measured on a GPU (``../shared/gpu-check``, the
+full profile) go into the same file under ``full-gpu``; what was not measured says so.
 
 Usage: python notebooks/execute.py [--metadata-only | --times-only] [NOTEBOOK ...]
 (default: every notebooks/[0-9]*.ipynb; --metadata-only cleans the metadata without
@@ -148,35 +151,106 @@ def minutes(seconds: float) -> str:
     return f"about {count} minutes"
 
 
-def measured(kind: str, seconds: float, machine: str, date: str) -> str:
+def measured(kind: str, seconds: float, machine: str, date: str, **_) -> str:
     return f"{minutes(seconds)} in the {kind} (measured: {seconds:.0f} s on {machine}, {date})"
 
 
-def time_line(lesson: str, timings: dict) -> str:
-    """The **Time:** line at the top of a lesson, from the measurements in timings.json."""
+# Reading: the average silent reading rate of adults for English non-fiction, 238 words a minute
+# (Brysbaert 2019, a meta-analysis of 190 studies; most adults read 175 to 300). A lesson is
+# read more slowly than that when a reader works through it, so the reading time is a floor.
+READING_WPM = 238
+ROLE = re.compile(r"\{[a-z:]+\}`([^`<]*?)\s*(?:<[^`]*>)?`")
+CHECK_TAGS = {"hide-input", "remove-input", "remove-cell"}
+
+
+def reading_words(path: Path) -> int:
+    """The words a reader reads in a lesson: the words of its Markdown (a role counted as the text
+    it shows, the Time line itself left out, link targets and HTML tags left out) and those of
+    the code cells a reader sees (identifiers and numbers; the hidden checks left out)."""
+    nb = nbformat.read(path, as_version=4)
+    words = 0
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            text = TIME_LINE.sub("", cell.source)
+            text = ROLE.sub(lambda m: m.group(1) or "x", text)
+            text = re.sub(r"\]\([^)]*\)|<[^>]+>|^:[a-z-]+:.*$|^:::.*$", " ", text, flags=re.M)
+            words += sum(1 for token in text.split() if re.search(r"[A-Za-z0-9]", token))
+        elif cell.cell_type == "code" and not CHECK_TAGS & set(cell.metadata.get("tags", [])):
+            words += len(re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?", cell.source))
+    return words
+
+
+def colab_install(path: Path, timings: dict) -> tuple[float | None, str]:
+    """What the lesson's install cell costs in Colab, from timings.json: (seconds or None, what)."""
+    source = next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    installs = timings.get("colab-install", {})
+    steps = re.findall(r'install --quiet "(fedlib(?:\[[a-z,]+\])?) @', source)
+    if "git clone" in source:
+        steps.append("git clone --depth 1")
+    if not steps or any(step not in installs for step in steps):
+        return None, "not measured"
+    seconds = sum(installs[step]["seconds"] for step in steps)
+    what = " and cloning the repository for its results" if "git clone" in source else ""
+    return seconds, f"{steps[0]}{what}"
+
+
+def time_line(path: Path, timings: dict) -> str:
+    """The **Time:** line at the top of a lesson: a reader's time, from the lesson's words and the
+    measurements in timings.json (never a guess: what was not measured says so)."""
+    lesson = path.stem
+    words = reading_words(path)
+    reading = words / READING_WPM * 60
     quick = timings.get("quick-cpu", {}).get(lesson)
     full = timings.get("full-gpu", {}).get(lesson)
-    first = measured("quick profile on a CPU", **quick) if quick else \
-        "the quick profile on a CPU has not been timed yet"
-    second = measured("full profile on a GPU", **full) if full else \
-        "the full profile on a GPU has not been timed yet (see Setting up)"
-    return f"**Time:** {first}; {second}."
+    install, what = colab_install(path, timings)
+    parts = [f"reading, {minutes(reading)} ({words:,} words of text and code at {READING_WPM} words a minute, "
+             f"the average silent reading rate for non-fiction {{cite:p}}`brysbaert2019many`)"]
+    parts.append("running it, " + (measured("quick profile on a CPU", **quick) if quick else
+                                   "the quick profile on a CPU has not been timed yet"))
+    if install is None:
+        parts.append("in Colab, installing fedlib: not measured")
+    else:
+        parts.append(f"in Colab, installing {what}, once per runtime: {minutes(install)} (measured: {install:.0f} s "
+                     f"from a local package mirror, see Setting up)")
+    total = reading + (quick["seconds"] if quick else 0) + (install or 0)
+    counted = "reading, running and installing" if quick and install is not None else "what was measured"
+    second = "The full profile on a GPU: " + (
+        f"{minutes(full['seconds'])} (measured: {full['seconds']:.0f} s on {full['machine']}, {full['date']})"
+        if full else "not measured (see Setting up)")
+    return f"**Time:** {minutes(total)} in all ({counted}): " + "; ".join(parts) + f". {second}."
 
 
-def times_table(timings: dict, lessons: list[str]) -> str:
-    """The table of lesson times in book/setup.md, from timings.json."""
+def times_table(timings: dict, paths: list[Path]) -> str:
+    """The table of lesson times in book/setup.md, from the lessons' words and timings.json."""
     kinds = {"quick-cpu": "quick profile, CPU", "quick-gpu": "quick profile, GPU", "full-gpu": "full profile, GPU"}
-    rows = ["| lesson | " + " | ".join(kinds.values()) + " |", "| --- |" + " --- |" * len(kinds)]
+    rows = ["| lesson | reading | " + " | ".join(kinds.values()) + " | install in Colab |",
+            "| --- | --- |" + " --- |" * len(kinds) + " --- |"]
     machines = set()
-    for lesson in lessons:
-        cells = []
+    for path in paths:
+        words = reading_words(path)
+        cells = [f"{words:,} words, {minutes(words / READING_WPM * 60).removeprefix('about ')}"]
         for kind, label in kinds.items():
-            entry = timings.get(kind, {}).get(lesson)
+            entry = timings.get(kind, {}).get(path.stem)
             cells.append("not measured" if entry is None else f"{entry['seconds']:.0f} s")
             if entry:
                 machines.add(f"the {label.split(',')[0]} on {entry['machine']} ({entry['date']})")
-        rows.append(f"| {lesson} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n\nMeasured: " + ("; ".join(sorted(machines)) or "nothing yet") + ".\n"
+        install, what = colab_install(path, timings)
+        cells.append("not measured" if install is None else f"{install:.0f} s ({what})")
+        rows.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+    installs = timings.get("colab-install", {})
+    install_note = "" if not installs else (
+        "\n\nThe installs in Colab were measured by `notebooks/measure_install.py` on "
+        + "; ".join(sorted({f"{e['machine']} ({e['date']})" for e in installs.values()})) + ": "
+        + ", ".join(f"`{name}` {e['seconds']:.0f} s" for name, e in sorted(installs.items()))
+        + (f" ({installs['git clone --depth 1']['megabytes']:g} MB)" if "git clone --depth 1" in installs else "")
+        + ". Each pip install ran in " + next(e["conditions"] for n, e in sorted(installs.items()) if n.startswith("fedlib"))
+        + ("; the clone " + installs["git clone --depth 1"]["conditions"] if "git clone --depth 1" in installs else "")
+        + ". Colab downloads the same packages and the repository over its network, so there it takes longer "
+        "by the time that download needs.")
+    return ("\n".join(rows) + "\n\nMeasured: " + ("; ".join(sorted(machines)) or "nothing yet") + "."
+            + f" Reading is counted at {READING_WPM} words a minute, the average silent reading rate of "
+            "adults for English non-fiction {cite:p}`brysbaert2019many` (text and the code a reader sees; "
+            "working through a lesson takes longer)." + install_note + "\n")
 
 
 def write_times(paths: list[Path], timings: dict) -> None:
@@ -184,13 +258,13 @@ def write_times(paths: list[Path], timings: dict) -> None:
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         first = nb.cells[0]
-        line = time_line(path.stem, timings)
+        line = time_line(path, timings)
         if TIME_LINE.search(first.source):
             first.source = TIME_LINE.sub(line, first.source)
         else:
             first.source = first.source.rstrip("\n") + "\n\n" + line
         nbformat.write(nb, path)
-    lessons = [p.stem for p in sorted(HERE.glob("[0-9]*.ipynb"))]
+    lessons = sorted(HERE.glob("[0-9]*.ipynb"))
     page = SETUP_PAGE.read_text()
     if TABLE.search(page):
         SETUP_PAGE.write_text(TABLE.sub(lambda m: m.group(1) + times_table(timings, lessons) + m.group(2), page))

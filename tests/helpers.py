@@ -98,3 +98,12 @@ def synthetic(num_clients: int = 12, seed: int = 0) -> Dataset:
                                                    for _ in range(int(rng.integers(2, 400)))))
              for k in range(num_clients)]
     return S.dataset(roles, device="cpu")
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """What a command wrote to stderr: exactly one line, no traceback, holding every fragment."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -276,10 +276,13 @@ def test_fedprox_adds_mu_times_w_minus_w_t_to_every_gradient():
 
 # --- resuming, and what the methods upload ------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [dict(strategy="scaffold"), dict(strategy="fedadam"),
-                                       dict(strategy="fedavgm"), dict(strategy="fedyogi")],
-                         ids=["scaffold", "fedadam", "fedavgm", "fedyogi"])
+@pytest.mark.parametrize("overrides", [dict(), dict(strategy="scaffold"), dict(strategy="fedadam"),
+                                       dict(strategy="fedavgm"), dict(strategy="fedyogi"),
+                                       dict(strategy="dp-fedavg", dp_reproducible=True)],
+                         ids=["fedavg", "scaffold", "fedadam", "fedavgm", "fedyogi", "dp-fedavg"])
 def test_an_interrupted_run_resumes_with_the_servers_state(tmp_path, overrides):
+    """In process, Ctrl-C in round 2 then the same call again: the History and the final weights equal
+    an uninterrupted run's, bit for bit (tests/test_bad_input.py sends the real signal to the CLI)."""
     data = data64(400)
     config = FedAvgConfig(num_clients=20, frac=0.2, rounds=4, batch_size=10, seed=5, device="cpu", **overrides)
     full = run(config, data, progress=False)
@@ -291,6 +294,9 @@ def test_an_interrupted_run_resumes_with_the_servers_state(tmp_path, overrides):
         run(config, data, progress=False, checkpoint=tmp_path / "run.ckpt", on_round=stop_in_round_2)
     resumed = run(config, data, progress=False, checkpoint=tmp_path / "run.ckpt")
     assert [r.round for r in resumed.records] == [1, 2, 3, 4]
+    same = lambda h: [(r.round, r.clients, r.test_accuracy, r.test_loss, r.train_loss, r.bytes_uploaded)
+                      for r in h.records]
+    assert same(resumed) == same(full)
     assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
 
 

@@ -27,35 +27,10 @@ from fedlib.cli import main
 from fedlib.files import atomic_write_text, remove_stale_temps
 from fedlib.params import InputError
 from fedlib.config import FedAvgConfig
-from tests.helpers import write_fake_mnist
+from tests.helpers import one_line_error, write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--clients", "10", "--frac", "0.2", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture
-def fake_data(tmp_path, monkeypatch):
-    """A fake MNIST of 200 training images under FEDLIB_DATA; the working folder is tmp_path."""
-    write_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
-    monkeypatch.setenv("FEDLIB_DATA", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Make any training fail the test: bad input must be refused before it starts."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the input was bad")
-    monkeypatch.setattr(fedlib.runner, "rounds", refuse)
-
-
-def one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # --- flags out of range: every parameter, every kind of wrong value --------------------------
@@ -282,10 +257,10 @@ def test_a_bug_keeps_its_traceback(fake_data, monkeypatch):
 
 def test_a_run_that_diverges_before_its_first_evaluation_ends_cleanly(fake_data, capsys):
     """--eval-every 5 and a learning rate that diverges at once: the run stops in round 1,
-    evaluates the model it stopped with, and summarises it (this used to crash)."""
+    evaluates the model it stopped with, and says that it diverged (exit status 3; this used to crash)."""
     with pytest.warns(UserWarning, match="diverged in round 1"):
-        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 0
-    assert "after 1 rounds" in capsys.readouterr().out
+        assert main(["train", "--rounds", "20", "--eval-every", "5", "--lr", "1e30", *TINY]) == 3
+    assert "training DIVERGED in round 1" in capsys.readouterr().out
 
 
 # --- files are written whole, with the usual mode, through links, without leftovers --------------
@@ -343,30 +318,39 @@ def slow_data(tmp_path, monkeypatch):
     return tmp_path
 
 
+ROUNDS = 60       # ~0.1 s each: the signal, sent after round 5, lands seconds before the run could end
+
+
 def train_command(checkpoint: Path | None, out: Path | None, progress: bool = False) -> list[str]:
-    """150 rounds, and a checkpoint interval of 1000: only the save on interrupt can hold them."""
-    command = [sys.executable, "-m", "fedlib", "train", "--rounds", "150", "--clients", "10", "--frac", "1",
+    """ROUNDS rounds, and a checkpoint interval of 1000: only the save on interrupt can hold them."""
+    command = [sys.executable, "-m", "fedlib", "train", "--rounds", str(ROUNDS), "--clients", "10", "--frac", "1",
                "--batch-size", "5", "--device", "cpu"] + ([] if progress else ["--no-progress"])
     if checkpoint:
         command += ["--checkpoint", str(checkpoint), "--checkpoint-every", "1000"]
     return command + (["--out", str(out)] if out else [])
 
 
-def interrupt(command: list[str], sig: int, rounds: int = 5) -> tuple[int, str]:
+def interrupt(command: list[str], sig: int, rounds: int = 5, again: tuple[float, ...] = ()) -> tuple[int, str]:
     """Start ``command`` (with its progress bar on stderr), send it ``sig`` once the bar shows
-    ``rounds`` rounds done; return the exit status and the last line it wrote to stderr."""
+    ``rounds`` rounds done, and again after each of the pauses ``again`` (seconds); return the exit
+    status and the last line it wrote to stderr (a traceback anywhere fails the test)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = bytearray()
     deadline = time.monotonic() + 120
-    while not re.search(rb"\| *(\d+)/150", seen) or \
-            int(re.findall(rb"\| *(\d+)/150", seen)[-1]) < rounds:
+    bar = re.compile(rb"\| *(\d+)/" + str(ROUNDS).encode())
+    while not bar.search(seen) or int(bar.findall(seen)[-1]) < rounds:
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk and time.monotonic() < deadline, f"the run ended or stalled before round {rounds}: {seen!r}"
         seen += chunk
     process.send_signal(sig)
+    for pause in again:
+        time.sleep(pause)
+        process.send_signal(sig)                 # a no-op once the process has ended
     _, rest = process.communicate(timeout=120)
-    lines = re.split(r"[\r\n]+", (seen + rest).decode().strip())
+    text = (seen + rest).decode()
+    assert "Traceback" not in text, text
+    lines = re.split(r"[\r\n]+", text.strip())
     return process.returncode, lines[-1]
 
 
@@ -374,12 +358,13 @@ def saved_rounds(checkpoint: Path) -> int:
     return len(torch.load(checkpoint, weights_only=True)["history"]["records"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(slow_data):
     checkpoint, resumed, fresh = slow_data / "run.ckpt", slow_data / "resumed.json", slow_data / "fresh.json"
     code, err = interrupt(train_command(checkpoint, resumed, progress=True), signal.SIGINT)
     assert code == 130 and "run the same command again to resume" in err, err
     done = int(err.split("interrupted after round ")[1].split(",")[0])
-    assert 0 < done < 150 and saved_rounds(checkpoint) == done
+    assert 0 < done < ROUNDS and saved_rounds(checkpoint) == done
     assert not resumed.exists() and not list(slow_data.glob(".*.tmp"))
 
     subprocess.run(train_command(checkpoint, resumed), cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -387,6 +372,18 @@ def test_ctrl_c_saves_the_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     strip = lambda path: [{k: v for k, v in r.items() if k != "seconds"}
                           for r in json.loads(path.read_text())["records"]]
     assert strip(resumed) == strip(fresh)
+
+
+@pytest.mark.parametrize("again", [(0.05,), (0.01, 0.02, 0.03, 0.05, 0.1)], ids=["twice-50ms", "six-times"])
+def test_more_ctrl_c_while_saving_still_save_whole_and_print_one_line(slow_data, again):
+    """A second Ctrl-C 50 ms after the first (and a volley of them) lands while the checkpoint is
+    saved or the line printed: the save completes (it loads whole, with the rounds the line names)
+    and one line says so. (Resuming from such a checkpoint is the test above.)"""
+    checkpoint, resumed = slow_data / "run.ckpt", slow_data / "resumed.json"
+    code, err = interrupt(train_command(checkpoint, resumed, progress=True), signal.SIGINT, again=again)
+    assert code == 130 and "run the same command again to resume" in err, err
+    done = int(err.split("interrupted after round ")[1].split(",")[0])
+    assert saved_rounds(checkpoint) == done > 0 and not list(slow_data.glob(".*.tmp"))
 
 
 def test_sigterm_saves_the_checkpoint_too(slow_data):

@@ -7,10 +7,19 @@ leaves the site blocked, so the pages are checked as a reader without network se
 Screenshots of the landing page (whole) and of the top of the first lesson (launch menu
 open) go to ``_build/screenshots/``.
 The lessons are the notebooks that ``_toc.yml`` lists, in its order.
+
+``test_portable_lessons_in_browser`` renders each portable lesson (``portable/``, written by
+``book/portable.py``) with nbconvert's lab template as JupyterLab shows it (a cell whose source
+or output JupyterLab collapses is collapsed: ``book/nbconvert/portable``), and checks in the
+same browser what a student in Jupyter or Colab would see: no MyST markup, every number the
+site pastes, the solutions closed, every figure. Its screenshots (the top of the first lesson,
+and its first solution) go to ``_build/screenshots/portable-*.png``. The site's pages get the
+same markup and pasted-number checks in ``test_book_in_browser``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -26,6 +35,8 @@ import pytest
 import yaml
 from playwright.sync_api import Page, sync_playwright
 
+from tests.test_portable import portable   # book/portable.py, the generator of the portable lessons
+
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
@@ -36,6 +47,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 # Without it the TeX source is shown, which still reads.
 OPTIONAL_EXTERNAL = ("https://cdn.jsdelivr.net/npm/mathjax@",)
 COLAB = "https://colab.research.google.com"
+
+
+# What must never be visible: MyST markup that only the book's build understands.
+MYST_MARKUP = ("{glue", "{term}", "{cite}", "{cite:", ":::", "{admonition}", "{ref}", "{doc}", "{numref}", "{math}")
 
 
 def _load_check_outputs():
@@ -75,6 +90,28 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+def markdown_of(path: Path) -> str:
+    """A page's Markdown: a .md page, or the Markdown cells of a notebook."""
+    if path.suffix == ".md":
+        return path.read_text()
+    return "\n\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+
+
+def site_pages() -> list[Path]:
+    """Every page of the book, lessons and prose, as _toc.yml lists them."""
+    return [p for p in (check_outputs.resolve(e, ROOT) for e in check_outputs.toc_files(ROOT)) if p is not None]
+
+
+def expected_glue(path: Path) -> list[str]:
+    """The numbers (and other values) the site pastes into a page, as MyST-NB prints them."""
+    glue = portable.glue_data(nbformat.read(path, as_version=4), path.name) if path.suffix == ".ipynb" else {}
+    return portable.printed_glue(markdown_of(path), path, glue, path.name)
+
+
+def markup_shown(text: str) -> list[str]:
+    return [m for m in MYST_MARKUP if m in text]
+
+
 def test_every_notebook_is_in_the_toc():
     """A lesson in notebooks/ that _toc.yml does not list would silently be left out of the book."""
     listed = set(lessons())
@@ -105,6 +142,24 @@ def test_check_outputs_names_lessons_without_outputs(tmp_path, capsys):
     assert "01_ran" not in err
 
 
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """Serve a folder on a free port of 127.0.0.1 (quietly); yield its address."""
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def site() -> Iterator[str]:
     """Build the book as `make book` does, and serve it on a free port of 127.0.0.1."""
@@ -117,20 +172,8 @@ def site() -> Iterator[str]:
                             "-W", "-n", "--keep-going", "--all"],
                            cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"the book does not build:\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}"
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=HTML))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve(HTML) as url:
+        yield url
 
 
 def check_images(page: Page, where: str) -> tuple[int, list[str]]:
@@ -157,6 +200,7 @@ def heading(page: Page) -> str:
                        " return c.textContent.trim(); }")
 
 
+@pytest.mark.slow
 def test_book_in_browser(site: str):
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     repo, branch = config["repository"]["url"].rstrip("/"), config["repository"]["branch"]
@@ -210,7 +254,10 @@ def test_book_in_browser(site: str):
 
             page.locator(".dropdown-launch-buttons button").click()
             colab = page.locator(f'.dropdown-launch-buttons a[href^="{COLAB}"]')
-            expected = f"{COLAB}/github/{repo.removeprefix('https://github.com/')}/blob/{branch}/{rel.as_posix()}"
+            # The Colab button opens the lesson's portable copy (book/_ext/portable_launch.py).
+            expected = portable.colab_url(notebook)
+            assert expected == (f"{COLAB}/github/{repo.removeprefix('https://github.com/')}/blob/{branch}/"
+                                f"{portable.PORTABLE_FOLDER}/{notebook.name}")
             if colab.count() != 1 or not colab.is_visible():
                 problems.append(f"{rel}: no visible Colab launch button")
             elif colab.get_attribute("href") != expected:
@@ -224,8 +271,111 @@ def test_book_in_browser(site: str):
             problems += broken
             if count < stored_figures(notebook):
                 problems.append(f"{rel}: shows {count} images, the notebook holds {stored_figures(notebook)} figures")
+            shown = [t.strip() for t in page.locator("article.bd-article .bibtex-citation").all_inner_texts()]
+            cited = portable.printed_citations(markdown_of(notebook), str(rel))
+            if shown != cited:
+                problems.append(f"{rel}: the site prints the citations {shown}, the portable copy {cited}")
+
+        # Every page: no MyST markup visible, every pasted value there (solutions included).
+        for path in site_pages():
+            rel = path.relative_to(ROOT).with_suffix(".html").as_posix()
+            page.goto(f"{site}/{rel}")
+            article = page.locator("article.bd-article")
+            visible, text = article.inner_text(), article.text_content()
+            if markup_shown(visible):
+                problems.append(f"{rel}: shows MyST markup {markup_shown(visible)}")
+            missing = [v for v in expected_glue(path) if v not in text]
+            if missing:
+                problems.append(f"{rel}: the pasted values {missing} are not on the page")
+
+        # The anchors that the portable lessons link to exist on the site.
+        page.goto(f"{site}/book/glossary.html")
+        for anchor in portable.glossary_anchors().values():
+            if page.locator(f"[id='{anchor}']").count() != 1:
+                problems.append(f"book/glossary.html has no #{anchor}")
+        page.goto(f"{site}/book/bibliography.html")
+        for key in portable.bibliography():
+            if page.locator(f"[id='{portable.cite_anchor(key)}']").count() != 1:
+                problems.append(f"book/bibliography.html has no #{portable.cite_anchor(key)}")
         browser.close()
 
     required = sorted({u for u in blocked if not u.startswith(OPTIONAL_EXTERNAL)})
     assert not required, f"pages fetch from outside the site: {required}"
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def portable_site() -> Iterator[str]:
+    """Each portable lesson rendered as JupyterLab shows it (nbconvert's lab template, with the
+    collapsed cells collapsed: book/nbconvert/portable), served on a free port of 127.0.0.1."""
+    from nbconvert import HTMLExporter
+
+    out = ROOT / "_build" / "portable"
+    out.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter(template_name="portable", extra_template_basedirs=[str(ROOT / "book" / "nbconvert")])
+    for source in portable.lessons():
+        nb = nbformat.read(portable.portable_path(source), as_version=4)
+        for cell in nb.cells:   # glue records have no mime type Jupyter renders: it shows nothing for them
+            cell["outputs"] = [o for o in cell.get("outputs", []) if "scrapbook" not in o.get("metadata", {})]
+        body, _ = exporter.from_notebook_node(nb)
+        (out / f"{source.stem}.html").write_text(body)
+    with serve(out) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_portable_lessons_in_browser(portable_site: str):
+    """What a student who opens a portable lesson in Jupyter sees. External requests (nbconvert's
+    pages load MathJax and require.js from a CDN) are blocked: the text is checked as it is."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+            (portable_site, "data:")) else route.abort())
+        page = context.new_page()
+        for number, source in enumerate(portable.lessons()):
+            name = f"portable/{source.name}"
+            assert page.goto(f"{portable_site}/{source.stem}.html").status == 200
+            markdown = page.locator(".jp-RenderedMarkdown")
+            visible = page.locator("body").inner_text()
+            text = "\n".join(markdown.all_text_contents())
+            if markup_shown(visible) or markup_shown(text):
+                problems.append(f"{name}: shows MyST markup {markup_shown(visible) or markup_shown(text)}")
+            missing = [v for v in expected_glue(source) if v not in text]
+            if missing:
+                problems.append(f"{name}: the values the site pastes, {missing}, are not on the page")
+
+            # Solutions: closed <details>, their text not visible until opened.
+            solutions = page.locator(".jp-RenderedMarkdown details")
+            lesson = nbformat.read(source, as_version=4)
+            expected = len(re.findall(r"^:::\{admonition\}.*\n:class: dropdown", markdown_of(source), flags=re.M))
+            if solutions.count() != expected or expected == 0:
+                problems.append(f"{name}: {solutions.count()} collapsible solutions, expected {expected}")
+            for i in range(solutions.count()):
+                details = solutions.nth(i)
+                if details.evaluate("d => d.open") or details.locator(":scope > :not(summary)").first.is_visible():
+                    problems.append(f"{name}: solution {i + 1} is open")
+            # Solution and check cells: their code is collapsed, as JupyterLab collapses it.
+            hidden = [c for c in lesson.cells if c.cell_type == "code" and set(c.metadata.get("tags", [])) & (
+                portable.SOLUTION_TAGS | portable.CHECK_TAGS)]
+            collapsed = page.locator("details.portable-collapsed-input")
+            if collapsed.count() != len(hidden) or not hidden:
+                problems.append(f"{name}: {collapsed.count()} collapsed code cells, expected {len(hidden)}")
+            for i in range(collapsed.count()):
+                if collapsed.nth(i).evaluate("d => d.open") or collapsed.nth(i).locator(".jp-InputArea-editor").is_visible():
+                    problems.append(f"{name}: the code of hidden cell {i + 1} is visible")
+            # Every figure is there and decodes (some sit in collapsed solution outputs).
+            images = page.locator("img")
+            broken = images.evaluate_all("is => is.filter(i => !(i.complete && i.naturalWidth > 0)).length")
+            if images.count() != stored_figures(source) or broken:
+                problems.append(f"{name}: {images.count()} images ({broken} broken), the lesson holds "
+                                f"{stored_figures(source)} figures")
+            if number == 0:   # what a student sees: the top of the lesson, and its first solution
+                page.screenshot(path=SCREENSHOTS / f"portable-{source.stem}.png")
+                solutions.first.scroll_into_view_if_needed()
+                page.evaluate("window.scrollBy(0, -300)")
+                page.screenshot(path=SCREENSHOTS / f"portable-{source.stem}-solution.png")
+        browser.close()
     assert not problems, "\n".join(problems)

@@ -244,3 +244,35 @@ def test_deploy_cleans_up_on_ctrl_c():
     assert process.returncode == 130, "".join(lines) + rest
     workdir = _workdir("".join(lines) + rest)
     assert not workdir.exists() and processes_using(workdir) == []
+
+
+def test_a_clients_reply_is_checked_before_it_is_averaged():
+    """A reply names a client that was asked, w_k of w_t's names and shapes, and positive n_k and u_k;
+    anything else is a failed client, never averaged."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedlib.flower.clients import reply_update
+
+    w_t = {"w": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+
+    def reply(k=3, arrays=None, n_k=20, steps=2):
+        arrays = arrays or {"w": torch.ones(2, 3), "b": torch.ones(2)}
+        return RecordDict({"client": ConfigRecord({"partition-id": k}), "arrays": ArrayRecord(arrays),
+                           "metrics": MetricRecord({"num-examples": n_k, "steps": steps, "train-loss": 0.5})})
+    k, update = reply_update(reply(), w_t, {3, 4})
+    assert k == 3 and update.num_examples == 20 and update.steps == 2 and update.weights["w"].dtype == torch.float64
+    for bad in (reply(k=5), reply(arrays={"w": torch.ones(3, 2), "b": torch.ones(2)}), reply(arrays={"w": torch.ones(2, 3)}),
+                reply(n_k=0), reply(steps=-1)):
+        with pytest.raises(ValueError):
+            reply_update(bad, w_t, {3, 4})
+
+
+def test_the_clients_data_is_scaled_as_the_config_says(mnist):
+    from fedlib.flower.task import client_data, evaluation_data
+
+    unit = FedAvgConfig(input_scaling="unit", num_clients=10, device="cpu")
+    x_k, _ = client_data(unit, 0)
+    x_test = evaluation_data(unit)[0]
+    assert 0 <= x_k.min() and x_k.max() <= 1 and 0 <= x_test.min() and x_test.max() <= 1
+    x_std, _ = client_data(FedAvgConfig(num_clients=10, device="cpu"), 0)
+    assert x_std.min() < 0

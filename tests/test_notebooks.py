@@ -124,14 +124,15 @@ def test_code_cells_follow_the_rules(path):
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_only_trained_numbers_escape_nbval_and_each_is_checked(path):
     """A cell whose output depends on float rounding is tagged nbval-ignore-output, and the
-    lesson then checks its numbers in hidden cells (lessons.check_stored, with a tolerance).
+    lesson then checks its numbers in hidden cells (check_stored, from booktools or the older
+    fedlib.lessons, with a tolerance).
     Nothing is skipped: every cell runs under nbval."""
     cells = code_cells(read(path))
     tags = [set(cell.metadata.get("tags", [])) for cell in cells]
     assert not any(t & {"nbval-skip", "nbval-raises-exception", "raises-exception"} for t in tags)
     ignored = [i for i, t in enumerate(tags) if IGNORE_OUTPUT in t]
     if ignored:
-        checks = [cell for cell, t in zip(cells, tags) if t & ASSERT_TAGS and "lessons.check_stored(" in cell.source]
+        checks = [cell for cell, t in zip(cells, tags) if t & ASSERT_TAGS and "check_stored(" in cell.source]
         assert checks, f"{path.name} ignores the output of cells {ignored} but checks none of their numbers"
     for i in ignored:
         assert cells[i].outputs, f"code cell {i} is tagged {IGNORE_OUTPUT} but shows nothing"
@@ -246,15 +247,33 @@ def test_the_time_at_the_top_is_the_last_measurement(path):
     """The **Time:** line is written by notebooks/execute.py from notebooks/timings.json."""
     execute = load_execute_script()
     first = read(path).cells[0].source
-    assert execute.time_line(path.stem, execute.load_timings()) in first.splitlines()
+    assert execute.time_line(path, execute.load_timings()) in first.splitlines()
 
 
 def test_the_setup_page_shows_the_measured_times():
     execute = load_execute_script()
-    table = execute.times_table(execute.load_timings(), [p.stem for p in LESSONS])
+    table = execute.times_table(execute.load_timings(), LESSONS)
     assert table in (ROOT / "book" / "setup.md").read_text()
 
 
 def test_plot_class_counts_rejects_a_vector():
     with pytest.raises(ValueError, match="counts"):
         lessons.plot_class_counts([1, 2, 3])
+
+
+def test_the_time_line_is_a_readers_time_and_says_what_was_not_measured():
+    """Reading (the lesson's words at the stated rate) + the quick run + the install in Colab;
+    with nothing measured, every measured part says so instead of showing a number."""
+    execute = load_execute_script()
+    path = LESSONS[0]
+    words = execute.reading_words(path)
+    assert 1000 < words < 20000
+    nothing = execute.time_line(path, {})
+    assert f"{words:,} words" in nothing and "{cite:p}`brysbaert2019many`" in nothing
+    assert "has not been timed yet" in nothing and "installing fedlib: not measured" in nothing
+    assert "The full profile on a GPU: not measured" in nothing
+    timings = execute.load_timings()
+    line = execute.time_line(path, timings)
+    total = words / execute.READING_WPM * 60 + timings["quick-cpu"][path.stem]["seconds"] \
+        + timings["colab-install"]["fedlib"]["seconds"]
+    assert line.startswith(f"**Time:** {execute.minutes(total)} in all (reading, running and installing)")

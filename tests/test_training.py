@@ -35,6 +35,7 @@ def test_same_seed_same_history_other_seed_other_history(mnist):
     assert strip(a) != strip(c)
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_the_same_history(tmp_path):
     root = Path(__file__).parents[1]
     outputs = []

@@ -37,9 +37,10 @@ class FlowerClients:
 
     name = "flower"
 
-    def __init__(self, grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True):
+    def __init__(self, grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True,
+                 nodes: dict[int, int] | None = None):
         self.grid, self.config, self.timeout, self.verbose = grid, config, timeout, verbose
-        self.nodes = client_nodes(grid, timeout)
+        self.nodes = client_nodes(grid, timeout) if nodes is None else nodes
 
     def message(self, k: int, w_t: Weights, t: int, strategy: FedAvg) -> Message:
         terms = strategy.client_terms(k)
@@ -60,11 +61,12 @@ class FlowerClients:
             if reply.has_error():
                 failed.append(reply.error.reason)
                 continue
-            content = reply.content
-            k = int(content["client"]["partition-id"])
-            updates[k] = ClientResult(content["arrays"].to_torch_state_dict(),
-                                      int(content["metrics"]["num-examples"]),
-                                      float(content["metrics"]["train-loss"]), int(content["metrics"]["steps"]))
+            try:
+                k, update = reply_update(reply.content, w_t, set(reachable))
+            except (KeyError, TypeError, ValueError) as error:     # a reply that is not a ClientUpdate
+                failed.append(f"a malformed reply ({error})")
+                continue
+            updates[k] = update
         missing = len(reachable) - len(updates)
         self.say(f"round {t}: {len(updates)} updates came back, {missing} did not"
                  + (f" ({'; '.join(sorted(set(failed)))})" if failed else ""))
@@ -73,3 +75,21 @@ class FlowerClients:
     def say(self, line: str) -> None:
         if self.verbose:
             print(line, flush=True)
+
+
+def reply_update(content: RecordDict, w_t: Weights, asked: set[int]) -> tuple[int, ClientResult]:
+    """Client k and its ClientResult from a train reply, checked: a client that was asked, w_k with exactly
+    w_t's tensors and shapes (moved beside w_t, e.g. to the GPU), n_k and u_k positive integers. Anything
+    else raises ValueError (the round then treats the client as failed)."""
+    k = content["client"]["partition-id"]
+    if not isinstance(k, int) or isinstance(k, bool) or k not in asked:
+        raise ValueError(f"client {k!r} was not asked in this round")
+    w_k = content["arrays"].to_torch_state_dict()
+    if set(w_k) != set(w_t) or any(tuple(w_k[n].shape) != tuple(w_t[n].shape) for n in w_t):
+        raise ValueError(f"client {k} sent weights of another model")
+    metrics = content["metrics"]
+    n_k, steps, loss = metrics["num-examples"], metrics["steps"], metrics["train-loss"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n_k, steps)):
+        raise ValueError(f"client {k} sent n_k = {n_k!r}, u_k = {steps!r}")
+    weights = {name: w.to(device=w_t[name].device, dtype=w_t[name].dtype) for name, w in w_k.items()}
+    return k, ClientResult(weights, n_k, float(loss), steps)

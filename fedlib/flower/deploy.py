@@ -17,8 +17,8 @@ Flower state (``FLWR_HOME``: its configuration, installed app bundles) lives in 
 temporary folder that is removed at the end, so nothing is left behind.
 
 ``--stop-in-round R`` stops SuperNode 0 (SIGTERM to its process group) as soon as
-round R has begun, while its clients train, to show what Flower does when a client
-goes away. ``--log summary`` prints only the lines that say what happened, with
+round R has begun, while its clients train, to show what happens to a round when a
+client goes away. ``--log summary`` prints only the lines that say what happened, with
 ports and paths replaced by placeholders, so that the output is the same from run
 to run except for the timings ("took ... s").
 
@@ -60,7 +60,11 @@ from fedlib.params import InputError
 APP_PYPROJECT = Path(__file__).with_name("pyproject.toml")
 CONNECTION = "fedlib-local"
 LOG_LEVELS = ("all", "summary", "none")
-# Flower log lines that say what a round did (for --log summary), and our own per-round line.
+# Seconds a deployed run may take: the SuperLink alone takes a few to start, and a day is far beyond
+# any run of this teaching setup (and within what Python's timeouts take: threading.TIMEOUT_MAX).
+TIMEOUT = P.Range(float, 1, 86400)
+# The lines --log summary keeps of the run's log: what each round did, printed by the ServerApp
+# (fedlib.flower.clients and server_app: "round t: S_t has ...", "round t: N updates came back ...").
 SUMMARY_LINE = re.compile(r"^round \d+:")
 
 
@@ -105,13 +109,13 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening")
+            raise DeployFailed(f"{Path(process.args[0]).name} exited with code {process.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.2)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s")
+    raise DeployFailed(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
 @dataclass
@@ -235,9 +239,34 @@ class LocalFederation:
             process.wait()
 
     def close(self) -> None:
-        """Stop every process group, then remove the working folder."""
+        """Stop every process group, then the processes Flower started in sessions of their own (the
+        SuperExec's ``flwr-serverapp``, found by the FLWR_HOME they inherited), then remove the
+        working folder."""
         self.stop(*self.processes)
+        deadline = time.monotonic() + self.grace
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.stragglers():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            while self.stragglers() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            deadline = time.monotonic() + 2
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def stragglers(self) -> list[int]:
+        """Live processes (not zombies) whose FLWR_HOME is this federation's (Linux: read from /proc)."""
+        home = ("FLWR_HOME=" + self.env["FLWR_HOME"]).encode()
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if home in (entry / "environ").read_bytes().split(b"\0") and \
+                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
 
     def __enter__(self) -> "LocalFederation":
         try:
@@ -287,10 +316,25 @@ class LocalFederation:
                 self.say(f"# stopped SuperNode 0 (partition 0) while round {stop_in_round} runs")
         process.wait()
         if not history_path.exists():
-            raise RuntimeError("the run ended without writing its history; SuperLink log:\n"
-                               + self.log_tail("superlink"))
+            raise DeployFailed(f"the run ended without writing its history: {self.cause(log)}")
         return DeployResult(History.load(history_path), log, self.startup_seconds,
                             time.perf_counter() - began, stopped)
+
+    def cause(self, log: list[str] = ()) -> str:
+        """The last error line of ``log`` (the run's streamed log) or, if none, of any process's log
+        (with ports and paths as placeholders), or why not."""
+        found = ""
+        for lines in [line for key in self.processes for line in self.log_tail(key, 200).splitlines()], log:
+            for line in lines:
+                if re.search(r"(Error|Exception|error:)", line) and not line.lstrip().startswith("File "):
+                    found = line.strip()
+        for value, name in self.placeholders.items():
+            found = found.replace(value, name)
+        return found[-300:] or "no process logged an error"
+
+
+class DeployFailed(RuntimeError):
+    """The federation ran but the run failed or timed out: one line saying why."""
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -311,7 +355,7 @@ def _next_line(lines: "queue.Queue[str | None]", deadline: float) -> str | None:
     try:
         return lines.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
-        raise TimeoutError("the run did not finish in time") from None
+        raise DeployFailed("the run did not finish within --timeout; every process was stopped") from None
 
 
 def _strip_ansi(text: str) -> str:
@@ -349,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=flag_type(P.SEED), default=0)
     parser.add_argument("--stop-in-round", type=flag_type(P.ROUNDS), default=None,
                         help="stop SuperNode 0 as soon as this round has begun")
-    parser.add_argument("--timeout", type=flag_type(P.Range(float, 0, low_open=True)), default=600,
+    parser.add_argument("--timeout", type=flag_type(TIMEOUT), default=600,
                         help="seconds the run may take")
     parser.add_argument("--log", choices=LOG_LEVELS, default="all",
                         help="all: every log line; summary: what happened, without ports and paths")
@@ -357,9 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preflight(config: FedAvgConfig) -> None:
+    """What the ServerApp and the SuperNodes will do first, done here before any process starts,
+    so that a run that cannot work is refused with one line instead of failing inside Flower: the
+    dataset is read (never downloaded: DatasetNotFoundError says where to put it), the model must
+    fit it, and the split must give every client examples (fedlib.runner.Job does all three)."""
+    from fedlib.data import load_dataset
+    from fedlib.runner import Job
+
+    Job(config, load_dataset(config.dataset, device="cpu", download=False, scaling=config.input_scaling))
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedlib.cli import UsageError
-    from fedlib.files import check_output
+    from fedlib.data import DatasetNotFoundError
+    from fedlib.files import WriteError, check_output
 
     try:
         args = build_parser().parse_args(argv)
@@ -369,32 +425,53 @@ def main(argv: list[str] | None = None) -> int:
                              "SuperNode k holds partition k")
         if args.stop_in_round is not None and args.stop_in_round > args.rounds:
             raise InputError(f"--stop-in-round must be in [1, {args.rounds}] (--rounds), got {args.stop_in_round}")
-        if args.out:
-            check_output(args.out)
+        if args.out is not None:
+            check_output(args.out, what="--out")
+        config = FedAvgConfig(rounds=args.rounds, frac=args.frac, dataset=args.dataset, partition=args.partition,
+                              model=args.model, local_epochs=args.local_epochs, batch_size=args.batch_size,
+                              lr=args.lr, seed=args.seed, num_clients=num_clients, device="cpu").validate()
+        preflight(config)
     except (UsageError, InputError) as error:
         print(error if isinstance(error, UsageError) else f"python -m fedlib.flower.deploy: {error}",
               file=sys.stderr)
         return 2
+    except DatasetNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 1
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up on SIGTERM like on Ctrl-C
-    run_config = to_record(FedAvgConfig(rounds=args.rounds, frac=args.frac, dataset=args.dataset,
-                                        partition=args.partition, model=args.model, local_epochs=args.local_epochs,
-                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                        num_clients=num_clients, device="cpu").validate())
+    run_config = to_record(config)
     began = time.perf_counter()
     try:
         with LocalFederation(args.supernodes, num_clients, log=args.log) as federation:
             result = federation.run(run_config, stop_in_round=args.stop_in_round, timeout=args.timeout)
+            trained = any(r.clients for r in result.history.records)
+            cause = "" if trained else federation.cause(result.log)
     except KeyboardInterrupt:
         print("# interrupted: every process was stopped", file=sys.stderr)
         return 130
+    except DeployFailed as error:
+        print(f"python -m fedlib.flower.deploy: {error}", file=sys.stderr)
+        return 1
+    if not trained and not args.stop_in_round:                # the run trained nothing: say why, exit 1
+        if cause == "no process logged an error" and num_clients > args.supernodes:
+            have = f"clients 0 to {args.supernodes - 1}" if args.supernodes > 1 else "client 0"
+            cause = f"only {have} of the K = {num_clients} have a SuperNode"
+        print(f"python -m fedlib.flower.deploy: no client sent an update in any of the {args.rounds} rounds "
+              f"({cause})", file=sys.stderr)
+        return 1
     history = result.history
     print(f"# all processes stopped; the whole deployment took {time.perf_counter() - began:.1f} s", flush=True)
     for record in history.records:
         print(f"# round {record.round}: clients {record.clients}, test accuracy {record.test_accuracy:.4f}, "
               f"took {record.seconds:.1f} s", flush=True)
-    if args.out:
-        history.save(args.out)
+    if args.out is not None:
+        try:
+            history.save(args.out)
+        except WriteError as error:
+            print(f"python -m fedlib.flower.deploy: {error}; the run's rounds are printed above, its history "
+                  "is lost: free some space and run the same command again", file=sys.stderr)
+            return 1
     return 0
 
 

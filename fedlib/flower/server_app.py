@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlib.config import FedAvgConfig
-from fedlib.flower.clients import FlowerClients
+from fedlib.flower.clients import FlowerClients, client_nodes
 from fedlib.flower.task import dataset, from_record
 from fedlib.metrics import History
 from fedlib.params import InputError
@@ -42,18 +42,20 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> int:
     return connected
 
 
-def run_on_flower(grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True) -> History:
+def run_on_flower(grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True,
+                  nodes: dict[int, int] | None = None) -> History:
     """``fedlib.run(config)`` with the clients on the SuperNodes of ``grid``; returns the run's History.
 
-    timeout: seconds a round waits for its replies.
+    timeout: seconds a round waits for its replies. nodes: client k -> its SuperNode's ID, if already
+    known (else every node is asked).
     """
-    clients = FlowerClients(grid, config, timeout, verbose)
+    clients = FlowerClients(grid, config, timeout, verbose, nodes)
 
     def say(record) -> None:
         if verbose:
             print(f"round {record.round}: {len(record.clients)} clients, test accuracy {record.test_accuracy}",
                   flush=True)
-    return run(config, dataset(config.dataset), progress=False, clients=clients, on_round=say)
+    return run(config, dataset(config.dataset, config.input_scaling), progress=False, clients=clients, on_round=say)
 
 
 def build_server_app(configs: Sequence[FedAvgConfig] | None = None,
@@ -81,8 +83,10 @@ def build_server_app(configs: Sequence[FedAvgConfig] | None = None,
         runs = list(configs) if configs is not None else [from_record(run_config)]
         wait_for_nodes(grid, int(run_config.get("min-nodes", runs[0].num_clients)),
                        float(run_config.get("connect-timeout", 120)))
+        timeout = float(run_config.get("round-timeout", 600))
+        nodes = client_nodes(grid, timeout)            # asked once; the runs share the SuperNodes
         for config in runs:
-            history = run_on_flower(grid, config, float(run_config.get("round-timeout", 600)), verbose)
+            history = run_on_flower(grid, config, timeout, verbose, nodes)
             if run_config.get("history-path"):
                 history.save(str(run_config["history-path"]))
             if on_history:

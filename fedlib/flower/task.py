@@ -78,10 +78,11 @@ def from_record(record: Mapping[str, object], base: FedAvgConfig | None = None) 
     return FedAvgConfig(**values).validate()
 
 
-@lru_cache(maxsize=1)
-def dataset(name: str) -> Dataset:
-    """The dataset ``name`` on the CPU, read once per process (from FEDLIB_DATA; never downloaded)."""
-    return load_dataset(name, device="cpu", download=False)
+@lru_cache(maxsize=2)
+def dataset(name: str, scaling: str = "standardize") -> Dataset:
+    """The dataset ``name``, its images scaled as ``scaling`` says, on the CPU, read once per process
+    (from FEDLIB_DATA; never downloaded)."""
+    return load_dataset(name, device="cpu", download=False, scaling=scaling)
 
 
 @lru_cache(maxsize=4)
@@ -89,7 +90,7 @@ def _partition(key: tuple) -> list:
     name, partition, num_clients, seed, partition_args = key
     config = FedAvgConfig(dataset=name, partition=partition, num_clients=num_clients, seed=seed,
                           **dict(partition_args))
-    data = dataset(name)
+    data = dataset(name)                      # the split reads labels only: any scaling gives the same
     return config.split(data.y_train, data.clients)
 
 
@@ -101,7 +102,7 @@ def client_data(config: FedAvgConfig, partition_id: int) -> tuple[torch.Tensor, 
     if not 0 <= partition_id < config.num_clients:
         raise InputError(f"partition_id must be in [0, {config.num_clients - 1}] (K = num_clients), "
                          f"got {partition_id}")
-    data = dataset(config.dataset)
+    data = dataset(config.dataset, config.input_scaling)
     key = (config.dataset, config.partition, config.num_clients, config.seed, tuple(config.partition_args().items()))
     idx = torch.as_tensor(_partition(key)[partition_id])
     return data.x_train[idx], data.y_train[idx]
@@ -109,5 +110,5 @@ def client_data(config: FedAvgConfig, partition_id: int) -> tuple[torch.Tensor, 
 
 def evaluation_data(config: FedAvgConfig) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
     """The test set the server evaluates on: x (10000, 1, 28, 28), y (10000,), classes, input shape."""
-    data = dataset(config.dataset)
+    data = dataset(config.dataset, config.input_scaling)
     return data.x_test, data.y_test, data.num_classes, data.input_shape
