@@ -503,7 +503,9 @@ def test_a_method_built_without_a_seed_or_knobs_takes_the_documented_defaults():
 @pytest.mark.parametrize("method, state, message", [
     ("fedavg", {"m": 1}, r"fedavg's saved state must hold exactly \[\], got \['m'\]"),
     ("scaffold", [1], r"scaffold's saved state must hold exactly \['c', 'c_k'\], got list"),
-    ("scaffold", {"c": {"w": "x"}, "c_k": {}}, r"the saved state c\[w\] must be a dense float tensor"),
+    ("scaffold", {"c": {"w": "x"}, "c_k": {}}, r"the saved state c\[w\] must be a dense float tensor .*, got str$"),
+    ("scaffold", {"c": {"w": torch.zeros(2)}, "c_k": {}},
+     r"c\[w\] must be a dense float tensor of shape \(3,\), got a torch.strided torch.float32 tensor of shape \(2,\) on cpu"),
     ("scaffold", {"c": {"w": torch.zeros(3)}, "c_k": {1: {"w": "x"}}}, r"the saved state c_k\[1\]\[w\] must"),
     ("fedavgm", {"m": {"w": "x"}}, r"the saved state m\[w\] must be a dense float tensor"),
     ("fedadam", {"m": {"w": "x"}, "v": {"w": torch.zeros(3)}}, r"the saved state m\[w\] must be"),
