@@ -485,19 +485,47 @@ def test_a_method_built_without_a_seed_or_knobs_takes_the_documented_defaults():
     """A strategy class's defaults are what a config leaves unset gets (fedlib.config: "the method's
     default"): seed 0 as FedAvgConfig's; FedProx mu = 0.01; FedAvgM eta_g = 1, beta = 0.9 (Hsu et al.'s);
     DP-FedAvg q = 0.1, S = 1, z = 1, eta_g = 1 ("1 by default"). S_t of seed 0 is drawn here by hand."""
-    from fedlib.strategies import DPFedAvg, FedAvgM, FedProx
+    from fedlib.strategies import DPFedAvg, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Scaffold
 
     w_0 = {"w": torch.zeros(3, dtype=torch.float64)}
-    assert FedAvgConfig().seed == 0
+    config = FedAvgConfig()
+    assert config.seed == 0
     by_hand = sorted(int(k) for k in sampling_rng(0, 3).choice(20, size=5, replace=False))
-    for strategy in (FedProx(w_0, 20), FedAvgM(w_0, 20)):
-        assert list(strategy.select(20, 0.25, 3)) == by_hand
+    for cls in (FedAvg, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi):
+        assert list(cls(w_0, 20).select(20, 0.25, 3)) == by_hand, cls.name
     assert list(DPFedAvg(w_0, 20, dp_reproducible=True).select(20, 0.1, 3)) == \
         [k for k, u in enumerate(sampling_rng(0, 3).random(20)) if u < 0.1]
     assert FedProx(w_0, 20).mu == 0.01
+    assert Scaffold(w_0, 20).lr == config.lr                       # eta_l, the clients' default rate
     assert (FedAvgM(w_0, 20).eta_g, FedAvgM(w_0, 20).beta) == (1.0, 0.9)
+    assert FedAdam(w_0, 20).eta_g == 0.01
     dp = DPFedAvg(w_0, 20)
-    assert (dp.q, dp.clip_norm, dp.z, dp.eta_g, dp.reproducible) == (0.1, 1.0, 1.0, 1.0, False)
+    assert (dp.q, dp.clip_norm, dp.z, dp.eta_g, dp.reproducible) == (config.frac, 1.0, 1.0, 1.0, False)
+
+
+@pytest.mark.parametrize("knob", ["server_lr", "server_beta1", "server_beta2", "server_tau"])
+def test_fedadam_refuses_a_knob_out_of_range_by_its_name(knob):
+    from fedlib.strategies import FedAdam
+
+    with pytest.raises(InputError, match=f"^{knob} "):
+        FedAdam({"w": torch.zeros(3)}, 4, **{knob: -1.0})
+
+
+def test_the_training_loss_is_averaged_with_the_weights_n_k_over_m_t():
+    """fedlib.strategies.weighted_mean: sum_k (n_k / m_t) loss_k, by hand; nan for a round without clients."""
+    from fedlib.strategies import weighted_mean
+
+    assert weighted_mean([1.0, 4.0, 0.5], [1, 3, 4]) == pytest.approx((1 * 1.0 + 3 * 4.0 + 4 * 0.5) / 8, rel=4 * U64)
+    assert math.isnan(weighted_mean([], []))
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi"])
+def test_a_round_where_every_client_failed_keeps_w_t(method):
+    from fedlib.strategies import STRATEGIES
+
+    w_t = {"w": torch.ones(3, dtype=torch.float64)}
+    strategy = STRATEGIES[method](w_t, 4)
+    assert strategy.aggregate(w_t, {}, 1) is w_t
 
 
 @pytest.mark.parametrize("method, state, message", [
