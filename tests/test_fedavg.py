@@ -161,3 +161,29 @@ def test_a_diverging_run_stops_with_a_warning():
     last = history.records[-1]
     assert not np.isfinite(last.train_loss) or not np.isfinite(last.test_loss)   # the clients' loss, or w_{t+1}
     assert all(np.isfinite(r.train_loss) and np.isfinite(r.test_loss) for r in history.records[:-1])
+
+
+def test_rounds_is_algorithm_1_for_rounds_1_to_T():
+    """fedlib.server.rounds against Algorithm 1 written out: rounds t = 1..T (or first..T), each S_t drawn
+    by the strategy, each client's update made from w_t, and w_{t+1} = sum_k (n_k / m_t) w_k fed to the
+    next round. The clients here are a fake whose update k is w_t + k + 1 with n_k = k + 1, so the
+    average is computed by hand."""
+    from fedlib.client import ClientResult
+    from fedlib.seeds import sampling_rng
+    from fedlib.server import rounds
+    from fedlib.strategies import FedAvg
+
+    class Shift:
+        def update(self, w_t, S_t, t, strategy):
+            return {int(k): ClientResult({"w": w_t["w"] + k + 1}, int(k) + 1, 0.0, 1) for k in S_t}
+
+    K, C, T = 10, 0.3, 4
+    got = list(rounds({"w": torch.zeros(2, dtype=torch.float64)}, Shift(), FedAvg({}, K, seed=3), K, C, T))
+    w = torch.zeros(2, dtype=torch.float64)
+    assert [r.t for r in got] == [1, 2, 3, 4]
+    for r in got:
+        S_t = sorted(int(k) for k in sampling_rng(3, r.t).choice(K, size=3, replace=False))
+        assert list(r.S_t) == S_t
+        w = w + sum((k + 1) * (k + 1) for k in S_t) / sum(k + 1 for k in S_t)
+        assert torch.allclose(r.weights["w"], w, rtol=8 * U64, atol=0)
+    assert [r.t for r in rounds({"w": torch.zeros(2)}, Shift(), FedAvg({}, K), K, C, T, first=3)] == [3, 4]
