@@ -187,3 +187,15 @@ def test_rounds_is_algorithm_1_for_rounds_1_to_T():
         w = w + sum((k + 1) * (k + 1) for k in S_t) / sum(k + 1 for k in S_t)
         assert torch.allclose(r.weights["w"], w, rtol=8 * U64, atol=0)
     assert [r.t for r in rounds({"w": torch.zeros(2)}, Shift(), FedAvg({}, K), K, C, T, first=3)] == [3, 4]
+
+
+def test_initial_model_draws_w_0_as_the_config_says():
+    """init = truncated-normal: every bias 0.1 and every weight in [-0.2, 0.2] (two standard deviations),
+    which PyTorch's default (uniform in +-1/sqrt(fan_in), so biases not all equal) is not."""
+    from fedlib.server import initial_model
+
+    w_0 = initial_model(FedAvgConfig(model="2nn", init="truncated-normal")).state_dict()
+    assert all(torch.equal(v, torch.full_like(v, 0.1)) for k, v in w_0.items() if k.endswith("bias"))
+    assert all(v.abs().max() <= 0.2 for k, v in w_0.items() if k.endswith("weight"))
+    default = initial_model(FedAvgConfig(model="2nn")).state_dict()
+    assert not torch.equal(default["fc1.bias"], torch.full_like(default["fc1.bias"], 0.1))
