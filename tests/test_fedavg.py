@@ -199,3 +199,5 @@ def test_initial_model_draws_w_0_as_the_config_says():
     assert all(v.abs().max() <= 0.2 for k, v in w_0.items() if k.endswith("weight"))
     default = initial_model(FedAvgConfig(model="2nn")).state_dict()
     assert not torch.equal(default["fc1.bias"], torch.full_like(default["fc1.bias"], 0.1))
+    colour = initial_model(FedAvgConfig(model="2nn"), num_classes=7, input_shape=(3, 32, 32)).state_dict()
+    assert colour["fc1.weight"].shape == (200, 3 * 32 * 32) and colour["fc3.bias"].shape == (7,)
