@@ -201,3 +201,5 @@ def test_initial_model_draws_w_0_as_the_config_says():
     assert not torch.equal(default["fc1.bias"], torch.full_like(default["fc1.bias"], 0.1))
     colour = initial_model(FedAvgConfig(model="2nn"), num_classes=7, input_shape=(3, 32, 32)).state_dict()
     assert colour["fc1.weight"].shape == (200, 3 * 32 * 32) and colour["fc3.bias"].shape == (7,)
+    assert all(v.device.type == "meta" and v.dtype == torch.float64
+               for v in initial_model(FedAvgConfig(), device="meta", dtype=torch.float64).state_dict().values())
