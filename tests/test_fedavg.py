@@ -203,3 +203,20 @@ def test_initial_model_draws_w_0_as_the_config_says():
     assert colour["fc1.weight"].shape == (200, 3 * 32 * 32) and colour["fc3.bias"].shape == (7,)
     assert all(v.device.type == "meta" and v.dtype == torch.float64
                for v in initial_model(FedAvgConfig(), device="meta", dtype=torch.float64).state_dict().values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_update_on_a_gpu_is_the_sgd_written_out_on_the_cpu():
+    """Client data and model on the GPU: the same E epochs of SGD as written out on the CPU (float64, the
+    rounding bound of test_local_update_is_E_epochs_of_minibatch_sgd), and a finite mean training loss."""
+    data = small_data(30, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = build_model("2nn").double()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = local_update(model.cuda(), data.x_train.cuda(), data.y_train.cuda(),
+                          weights={k: v.cuda() for k, v in w0.items()}, epochs=2, batch_size=10, lr=0.05,
+                          generator=torch.Generator().manual_seed(1))
+    reference = sgd_by_hand(data.x_train, data.y_train, w0, epochs=2, batch_size=10, lr=0.05, seed=1)
+    assert all(v.device.type == "cuda" for v in result.weights.values())
+    assert_within_rounding({k: v.cpu() for k, v in result.weights.items()}, reference, steps=6)
+    assert 0 < result.train_loss < float("inf")
