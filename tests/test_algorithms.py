@@ -555,3 +555,18 @@ def test_a_saved_state_is_loaded_on_the_strategys_device_and_dtype():
     strategy = FedAvgM({"w": torch.zeros(3, dtype=torch.float64, device="meta")}, 4)
     strategy.load_state_dict({"m": {"w": torch.ones(3, dtype=torch.float32)}})
     assert (strategy.m["w"].device.type, strategy.m["w"].dtype) == ("meta", torch.float64)
+
+
+def test_a_client_that_did_not_move_is_clipped_to_itself():
+    """clip(0, S) = 0: a zero update has norm 0 and is not scaled (no division by its norm)."""
+    zero = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    assert all(torch.equal(v, zero[k]) for k, v in clip(zero, 1.0).items())
+
+
+def test_dp_noise_is_added_on_the_models_device_and_dtype():
+    """The noise is drawn in float64 on the CPU and added in w_t's dtype on w_t's device (here float32 on the
+    meta device, which needs no accelerator)."""
+    w_t = {"w": torch.zeros(4, dtype=torch.float32, device="meta")}
+    w_next = dp_aggregate(w_t, [], clip_norm=1.0, noise_multiplier=1.0, expected_clients=2.0,
+                          noise=seeded_normal(torch.Generator().manual_seed(0)))
+    assert (w_next["w"].device.type, w_next["w"].dtype) == ("meta", torch.float32)
