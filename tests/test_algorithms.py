@@ -570,3 +570,15 @@ def test_dp_noise_is_added_on_the_models_device_and_dtype():
     w_next = dp_aggregate(w_t, [], clip_norm=1.0, noise_multiplier=1.0, expected_clients=2.0,
                           noise=seeded_normal(torch.Generator().manual_seed(0)))
     assert (w_next["w"].device.type, w_next["w"].dtype) == ("meta", torch.float32)
+
+
+def test_epsilon_keeps_the_accountants_convergence_warnings_quiet(caplog):
+    """At z = 0.3 the RDP accountant skips the orders near 1 that do not converge and logs a warning for
+    each on the "absl" logger; epsilon() silences them for its call only and restores the level."""
+    pytest.importorskip("dp_accounting")
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="absl")
+    assert epsilon(0.3, 0.1, 20, 1e-4) > 0
+    assert not [r for r in caplog.records if r.name == "absl"]
+    assert logging.getLogger("absl").level == logging.WARNING
