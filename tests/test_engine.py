@@ -382,3 +382,13 @@ def test_engine_names_and_fallback():
         resolve_engine("vectorized", with_buffers)
     with pytest.warns(UserWarning, match="falls back to 'sequential'"):
         assert resolve_engine("auto", with_buffers) == "sequential"
+
+
+def test_activation_bytes_counts_every_layers_output_four_times():
+    """The memory estimate's activations, by hand for the 2NN and one float32 image: the outputs of fc1, fc2
+    and fc3 (200 + 200 + 10 numbers of 4 bytes), times 4 (their gradients and the backward's temporaries)."""
+    from fedlib.backends import activation_bytes
+
+    model = build_model("2nn")
+    assert activation_bytes(model, torch.zeros(1, 1, 28, 28)) == 4 * (200 + 200 + 10) * 4
+    assert model.training                                         # left in the mode it was in
