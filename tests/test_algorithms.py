@@ -536,6 +536,8 @@ def test_a_round_where_every_client_failed_keeps_w_t(method):
      r"c\[w\] must be a dense float tensor of shape \(3,\), got a torch.strided torch.float32 tensor of shape \(2,\) on cpu"),
     ("scaffold", {"c": {"w": torch.zeros(3)}, "c_k": {1: {"w": "x"}}}, r"the saved state c_k\[1\]\[w\] must"),
     ("fedavgm", {"m": {"w": "x"}}, r"the saved state m\[w\] must be a dense float tensor"),
+    ("fedavgm", {}, r"fedavgm's saved state must hold exactly \['m'\], got \[\]"),
+    ("fedadam", {"m": {}}, r"fedadam's saved state must hold exactly \['m', 'v'\], got \['m'\]"),
     ("fedadam", {"m": {"w": "x"}, "v": {"w": torch.zeros(3)}}, r"the saved state m\[w\] must be"),
     ("fedadam", {"m": {"w": torch.zeros(3)}, "v": {"w": "x"}}, r"the saved state v\[w\] must be"),
 ])
