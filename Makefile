@@ -52,12 +52,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 	$(NBVAL) notebooks
 
-# The tests whose numbers depend on the CPU's kernels (the engines' equality, FedAvg's identities,
+# The tests whose numbers depend on the CPU's kernels (the engines' equality for the MLP, CNN and LSTM, FedAvg's identities,
 # the trained accuracies, every lesson under nbval), again with PyTorch, oneDNN and MKL switched to
 # other code paths: what another machine computes. CI runs it after make test.
 OTHER_KERNELS = ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
 test-kernels: $(VENV)/.installed-test
-	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_fedavg.py tests/test_training.py
+	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_engine_lstm.py tests/test_fedavg.py tests/test_training.py
 	$(OTHER_KERNELS) $(NBVAL) notebooks
 
 # Mutation testing of the algorithmic modules (issue 21; the report is benchmarks/mutation.md).

@@ -7,6 +7,7 @@ SIGTERM) interrupts: the ones after it are ignored, so that the checkpoint being
 line saying so are never cut short, and no traceback is printed.
 """
 
+import os
 import signal
 import sys
 
@@ -26,7 +27,12 @@ def launch() -> int:
         from fedlib.cli import main
     except KeyboardInterrupt:
         print("fedlib: interrupted", file=sys.stderr)
-        return 130
+        # Nothing is written yet, so end here: a Ctrl-C that landed while an extension ran code
+        # through PyRun_* marks CPython's "unhandled KeyboardInterrupt" flag even though it was
+        # handled, and a normal exit would then kill the process with SIGINT (status -2, not 130).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     return main(terminate=first_interrupt_only)
 
 

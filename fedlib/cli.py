@@ -107,14 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="draw a horizontal line at this accuracy")
     plot.add_argument("--title", default="Test accuracy per round")
 
-    from fedlib.reproduce import TABLES
+    from fedlib.reproduce import DATASET_OF, TABLES
 
-    rep = commands.add_parser("reproduce", help="run the paper's MNIST tables (resumable) or compare with them")
+    rep = commands.add_parser("reproduce", help="run the paper's tables (resumable) or compare with them")
     rep.add_argument("--table", choices=TABLES, default=None,
-                     help="Table 1 (effect of C), 2 (effect of E, B), the ablation of our 2NN's gap to the paper, or "
-                          "beyond (lesson 8's tuned methods) (required, except with --list, which then lists all)")
-    rep.add_argument("--model", choices=("2nn", "cnn"), default=None, help="only this model's rows")
-    rep.add_argument("--partition", choices=("iid", "shards"), default=None, help="only IID or only non-IID")
+                     help="Table 1 (effect of C), 2 (effect of E, B: the MNIST CNN and the Shakespeare LSTM), "
+                          "2-reduced (Table 2's LSTM rows at a size a CPU can run), the ablation of our 2NN's gap to "
+                          "the paper, or beyond (lesson 8's tuned methods) (required, except with --list, which then "
+                          "lists all)")
+    rep.add_argument("--model", choices=tuple(DATASET_OF), default=None, help="only this model's rows")
+    rep.add_argument("--partition", choices=("iid", "shards", "natural"), default=None,
+                     help="only IID, or only non-IID (shards on MNIST, natural: Shakespeare's split by role)")
     rep.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these settings (see --list)")
     rep.add_argument("--lr", nargs="+", type=flag_type(P.LR), default=None,
                      help="learning rates to try (default: each setting's grid)")
@@ -123,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--list without --table shows every planned seed)")
     rep.add_argument("--max-rounds", type=flag_type(P.ROUNDS), default=None, help="a lower round cap (quick checks)")
     rep.add_argument("--out", default=None, help="one JSON file per run (default results/reproduce for "
-                                                 "Tables 1 and 2, results/ablation for the ablation)")
+                                                 "Tables 1 and 2, results/shakespeare for Table 2's LSTM rows, "
+                                                 "results/shakespeare-reduced for 2-reduced, results/ablation "
+                                                 "for the ablation, results/beyond for beyond)")
     rep.add_argument("--device", choices=DEVICES, default="auto")
     rep.add_argument("--together", choices=("auto", "on", "off"), default="auto",
                      help="train the runs that share the model, the data and the local training as one batch "
@@ -144,70 +149,85 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.table is None and not args.list:
         raise UsageError("fedlib reproduce: --table is required (" + ", ".join(R.TABLES) + "), except with --list")
     if args.summary:
-        out = _out_folder(R, args)
-        names = {s.name for s in R.select(R.settings_of(args.table), args.model, args.partition, args.only)}
-        for row in R.comparison_rows(args.table, out, (args.seeds or [0])[0]):
-            if row["setting"] in names:
-                ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
-                ours = f"{row['ours']:.1f}" if isinstance(row["ours"], float) else row["ours"]
-                print(f"{row['setting']:40s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
+        datasets = [DATASET_OF[args.model]] if args.model else _datasets(R, args.table)
+        for dataset in datasets:                   # Table 2: each half against its own FedSGD row
+            out = _out_folder(R, args, dataset=dataset)
+            names = {s.name for s in R.select(R.settings_of(args.table), args.model, args.partition, args.only)}
+            for row in R.comparison_rows(args.table, out, (args.seeds or [0])[0], dataset):
+                if row["setting"] in names:
+                    ratio = "" if row["ratio"] is None else f"  ours/paper {row['ratio']:.2f}"
+                    ours = f"{row['ours']:.1f}" if isinstance(row["ours"], float) else row["ours"]
+                    print(f"{row['setting']:40s} paper {str(row['paper'] or '--'):>5s}  ours {ours}{ratio}")
         return 0
     if args.list:
         seen: set = set()
-        for table in tables:                       # each table's runs, done and pending
-            out = _out_folder(R, args, table)
-            if len(tables) > 1:
-                print(f"# table {table} ({out})")
-            counts = _list_runs(R, _jobs(R, table, out, args), out, seen)
-            if len(tables) > 1:
-                print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+        for table in tables:                       # each table's runs, done and pending, folder by folder
+            for dataset in _datasets(R, table):
+                out = _out_folder(R, args, table, dataset)
+                if len(tables) > 1:
+                    print(f"# table {table} ({out})")
+                counts = _list_runs(R, _jobs(R, table, out, args, dataset), out, seen)
+                if len(tables) > 1:
+                    print("# " + ", ".join(f"{n} {status}" for status, n in counts.items()))
         return 0
     set_threads(args.threads)
-    out = _out_folder(R, args)
-    check_folder(out)
     together = {"auto": None, "on": True, "off": False}[args.together]      # None: on a GPU only
-    jobs = _jobs(R, args.table, out, args)
-    while True:
-        try:
-            results = R.sweep(jobs, out, args.device, args.max_rounds, progress=not args.no_progress,
-                              together=together)
-        except WriteError as error:
-            raise OutputLost(f"{error}; every finished run keeps its checkpoint in {Path(out) / '.checkpoints'}: "
-                             "free some space and run the same command again, which writes their results "
-                             "without training them again") from None
-        more = _jobs(R, args.table, out, args) if args.table == "beyond" else jobs   # lesson 8's plan grows
-        if len(more) == len(jobs):
-            break
-        jobs = more
-    reached = sum(r["reached"] for r in results)
-    print(f"{len(results)} runs in {out}: {reached} reached their target")
+    for dataset in _datasets(R, args.table):
+        out = _out_folder(R, args, dataset=dataset)
+        jobs = _jobs(R, args.table, out, args, dataset)
+        if not jobs:
+            continue
+        check_folder(out)
+        while True:
+            try:
+                results = R.sweep(jobs, out, args.device, args.max_rounds, progress=not args.no_progress,
+                                  together=together)
+            except WriteError as error:
+                raise OutputLost(f"{error}; every finished run keeps its checkpoint in {Path(out) / '.checkpoints'}: "
+                                 "free some space and run the same command again, which writes their results "
+                                 "without training them again") from None
+            more = _jobs(R, args.table, out, args, dataset) if args.table == "beyond" else jobs   # lesson 8's grows
+            if len(more) == len(jobs):
+                break
+            jobs = more
+        reached = sum(r["reached"] for r in results)
+        print(f"{len(results)} runs in {out}: {reached} reached their target")
     return 0
 
 
-def _out_folder(R, args: argparse.Namespace, table: str | None = None) -> str:
-    """--out, or the table's default folder; an empty name is refused (it is not a folder)."""
+def _out_folder(R, args: argparse.Namespace, table: str | None = None, dataset: str = "mnist") -> str:
+    """--out, or the table's default folder for ``dataset`` (Table 2's Shakespeare rows have their own);
+    an empty name is refused (it is not a folder)."""
     if args.out is not None and not args.out:
         raise InputError("--out must name a folder, got an empty name")
-    return args.out or R.DEFAULT_OUT[table or args.table]
+    return args.out or R.default_out(table or args.table, dataset)
 
 
-def _jobs(R, table: str, out: str, args: argparse.Namespace) -> list:
-    """The runs of ``table`` the flags ask for: its plan, filtered by --model, --partition, --only,
-    --lr and --seeds (a rate or seed outside the plan is run too, as an extra)."""
+def _datasets(R, table: str) -> list[str]:
+    """The datasets of a table's settings, in order (Table 2: MNIST, then Shakespeare)."""
+    return list(dict.fromkeys(s.dataset for s in R.settings_of(table)))
+
+
+def _jobs(R, table: str, out: str, args: argparse.Namespace, dataset: str | None = None) -> list:
+    """The runs of ``table`` the flags ask for: its plan (on ``dataset`` only, if given), filtered by
+    --model, --partition, --only, --lr and --seeds (a rate or seed outside the plan is run too, as an extra)."""
     known = {s.name for s in R.settings_of(table)} | {s.name for s, _, _ in R.plan(table, out)}
     unknown = sorted(set(args.only or ()) - known)
     if unknown:
         raise InputError(f"--only must name settings of table {table}, got unknown {unknown}; "
                          "see 'python -m fedlib reproduce --list'")
-    settings = {s.name: s for s, _, _ in R.plan(table, out)}
-    settings = R.select(list(settings.values()), args.model, args.partition, args.only)
+    settings = {s.name: s for s, _, _ in R.plan(table, out) if dataset is None or s.dataset == dataset}
+    only = [name for name in args.only if name in settings] if args.only else None
+    if args.only and not only:                     # --only names settings of the table's other dataset
+        return []
+    settings = R.select(list(settings.values()), args.model, args.partition, only)
     if args.lr or args.seeds:
         planned = R.jobs_of(settings, args.lr, args.seeds) if table != "beyond" else \
             [(s, lr, seed) for s in settings for lr in (args.lr or s.learning_rates())
              for seed in (args.seeds or R.BEYOND_SEEDS + R.BEYOND_FRESH)]
         return planned
     names = {s.name for s in settings}
-    return [job for job in R.plan(table, out) if job[0].name in names]
+    return [job for job in R.plan(table, out) if job[0].name in names and (dataset is None or job[0].dataset == dataset)]
 
 
 def _list_runs(R, jobs: list, out: str, seen: set) -> dict[str, int]:
@@ -256,6 +276,9 @@ def _train(args: argparse.Namespace) -> int:
     kept = (f"the run is kept in {args.checkpoint}: free some space and run the same command again, which "
             "resumes there" if args.checkpoint else "the run was not kept (--checkpoint FILE keeps a run through "
                                                     "this)")
+    if config.dataset == "shakespeare":              # what the parse of the plays yields, beside the paper
+        from fedlib.shakespeare import describe_counts
+        print(describe_counts(), flush=True)
     try:
         history = run(config, progress=not args.no_progress, checkpoint=args.checkpoint,
                       checkpoint_every=args.checkpoint_every)

@@ -22,8 +22,13 @@ nothing here computes it by hand.
 
 The guarantee holds only if nobody can regenerate the noise or the sample. So by default both
 come from the operating system's entropy (``os.urandom``, a cryptographically secure source,
-:func:`secret_uniform` and :func:`secret_normal`), are never saved, and differ in every run.
-A seeded version (:func:`seeded_normal`, ``fedlib.seeds``) exists for teaching and tests only.
+:func:`secret_uniform` and :func:`secret_normal`) and differ in every run; the noise is never
+saved. A seeded version (:func:`seeded_normal`, ``fedlib.seeds``) exists for teaching and tests only.
+
+What the guarantee covers is the sequence of global models w_1, ..., w_T (and what is computed
+from them alone, such as their test accuracy). A run's History holds more, for study: each
+round's clients S_t and their mean training loss, neither of them private (they amplify
+nothing and are not noised). Publish the models, never a DP run's history.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Reproducing the paper's MNIST tables with this library's own runs.
+"""Reproducing the paper's tables with this library's own runs.
 
-The published numbers live in ``fedlib/paper_mnist.json`` (with the citation).
-Every cell of a table is a :class:`Setting` (model, partition, C, E, B, target).
+The published numbers live in ``fedlib/paper_tables.json`` (with the citation): Table 1
+(MNIST), and Table 2's two halves, the MNIST CNN and the Shakespeare character LSTM.
+Every cell of a table is a :class:`Setting` (dataset, model, partition, C, E, B, target).
 Like the paper, each setting is run over a small learning-rate grid and the best
 rate is reported. Each run stops as soon as it reaches the target, or at a round
 cap of twice the paper's rounds (for the paper's "--" cells, twice the largest
@@ -21,6 +22,14 @@ FedAvg with the methods that came after it, each tuned (:func:`beyond_plan`): on
 2NN on pathological non-IID MNIST with E = 5, B = 50, every method over its own grid with
 two tuning seeds, then its best point again with two fresh seeds.
 
+Table 2's *Shakespeare rows* (the paper's LSTM, K = the number of speaking roles, target 54%) run
+like the CNN's, on a GPU (``python -m fedlib reproduce --table 2 --model lstm --device cuda``), and are
+saved in their own folder, ``results/shakespeare`` (:func:`default_out`). *2-reduced* ("table"
+``2-reduced``, results in ``results/shakespeare-reduced``) is the same rows at a size a CPU can run,
+stated in :data:`REDUCED`: three plays, at most 32 sequences per role and split, the small LSTM, a lower
+target (the two rows with B = 50 are left out: at this size B = 50 is B = infinity); its numbers are
+never mixed with the paper-scale ones.
+
 Every table is a *plan* of runs (setting, eta, seed) (:func:`plan`), run by one runner
 (:func:`sweep`) into one file format (:func:`save_result`), and read back with one rule for
 the best run (:func:`score`).
@@ -28,6 +37,7 @@ the best run (:func:`score`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -39,6 +49,7 @@ from typing import Iterable, Sequence
 from tqdm.auto import tqdm
 
 from fedlib.client import local_steps
+from fedlib import shakespeare
 from fedlib.config import FedAvgConfig, saved_config
 from fedlib.data import Dataset, load_dataset
 from fedlib.engine.lockstep import batch_key, refusal
@@ -64,18 +75,33 @@ LR_GRID: dict[tuple[str, int | None], tuple[float, ...]] = {
 }
 
 
-TABLES = ("1", "2", "ablation", "beyond")
-# Where each table's runs are saved by default (one JSON file per run).
-DEFAULT_OUT = {"1": "results/reproduce", "2": "results/reproduce", "ablation": "results/ablation",
-               "beyond": "results/beyond"}
+TABLES = ("1", "2", "2-reduced", "ablation", "beyond")
+# Where each table's runs are saved by default (one JSON file per run); Table 2's Shakespeare rows
+# go to SHAKESPEARE_OUT (default_out), so that each folder holds the runs of one dataset.
+DEFAULT_OUT = {"1": "results/reproduce", "2": "results/reproduce", "2-reduced": "results/shakespeare-reduced",
+               "ablation": "results/ablation", "beyond": "results/beyond"}
+SHAKESPEARE_OUT = "results/shakespeare"
+# The datasets of the models a table runs (the MNIST models, the character LSTMs).
+DATASET_OF = {"2nn": "mnist", "cnn": "mnist", "lstm": "shakespeare", "lstm-small": "shakespeare"}
 
 
-def paper_table(table: str) -> dict:
-    """The published table ("1" or "2") as stored in ``paper_mnist.json``."""
+def default_out(table: str, dataset: str = "mnist") -> str:
+    """Where a table's runs on ``dataset`` are saved by default."""
+    if table not in TABLES:
+        raise InputError(f"table must be one of {TABLES}, got {table!r}")
+    return SHAKESPEARE_OUT if table == "2" and dataset == "shakespeare" else DEFAULT_OUT[table]
+
+
+def paper_table(table: str, model: str | None = None) -> dict:
+    """The published table as stored in ``paper_tables.json``: "1" (MNIST), "2" (the MNIST CNN
+    half of Table 2), or "2" with ``model="lstm"`` (its Shakespeare LSTM half)."""
     if table not in ("1", "2"):
         raise InputError(f"table must be '1' or '2', got {table!r}")
-    data = json.loads(resources.files("fedlib").joinpath("paper_mnist.json").read_text())
-    return data[f"table{table}"] | {"citation": data["citation"]}
+    if model not in (None, "2nn", "cnn", "lstm") or (model == "lstm" and table != "2"):
+        raise InputError(f"model must be None, '2nn' or 'cnn' (or 'lstm' with table '2'), got {model!r}")
+    data = json.loads(resources.files("fedlib").joinpath("paper_tables.json").read_text())
+    key = "table2_lstm" if model == "lstm" else f"table{table}"
+    return data[key] | {"citation": data["citation"]}
 
 
 @dataclass(frozen=True)
@@ -96,7 +122,10 @@ class Setting:
     init: str = "pytorch"
     strategy: str = "fedavg"  # the method (fedlib.strategies) and its knobs, as (name, value) pairs
     knobs: tuple = ()
-    lrs: tuple = ()           # the learning-rate grid, where the table gives it per setting (beyond)
+    lrs: tuple = ()           # the learning-rate grid, where the table gives it per setting (beyond, 2-reduced)
+    dataset: str = "mnist"    # "mnist" or "shakespeare" (whose partitions are "natural", by role, and "iid")
+    data: tuple = ()          # fedlib.shakespeare.load's options as (name, value) pairs (2-reduced's smaller task)
+    paper_u: float | None = None   # the paper's u column where it differs from ours (the Shakespeare rows)
 
     @property
     def name(self) -> str:
@@ -106,9 +135,15 @@ class Setting:
         return f"{name}-{self.variant}" if self.variant else name
 
     @property
-    def updates_per_round(self) -> int:
-        """u = E ceil(n_k / B): local SGD steps per client per round (n_k = 600)."""
-        return local_steps(EXAMPLES_PER_CLIENT, self.local_epochs, self.batch_size)
+    def updates_per_round(self) -> float:
+        """u: local SGD steps per client per round. MNIST: E ceil(n_k / B) with n_k = 600.
+        Shakespeare: the paper's expected u = E n / (K B) (E for B = infinity), with n / K the mean
+        number of training sequences per client of this setting's data (:func:`data_of`)."""
+        if self.dataset == "mnist":
+            return local_steps(EXAMPLES_PER_CLIENT, self.local_epochs, self.batch_size)
+        data = data_of(self)
+        mean_n = len(data.x_train) / len(data.clients)
+        return self.local_epochs * (1 if self.batch_size is None else mean_n / self.batch_size)
 
     @property
     def cell(self) -> str:
@@ -120,12 +155,16 @@ class Setting:
             return self.lrs
         if self.variant:
             return ABLATION_GRID[(self.variant, self.cell)]
+        if self.dataset == "shakespeare":
+            return LSTM_GRID[self.batch_size]
         return LR_GRID[(self.model, self.batch_size)]
 
     def seeds(self) -> tuple[int, ...]:
         """The seeds this setting is planned with (``--list`` shows them, a sweep runs them)."""
         if self.table == "beyond":
             return BEYOND_SEEDS
+        if self.table == "2-reduced":
+            return REDUCED.seeds
         if self.variant:
             return ABLATION_SEEDS
         return EXTRA_SEEDS.get(self.name, (0,))
@@ -154,7 +193,18 @@ def paper_settings(table: str) -> list[Setting]:
                 column = [x[key] for x in rows]
                 settings.append(Setting("2", r["model"], partition, r["C"], r["E"], r["B"], r["target"],
                                         r[key], _cap(r[key], column)))
+        settings += shakespeare_settings()
     return settings
+
+
+def shakespeare_settings() -> list[Setting]:
+    """Table 2's Shakespeare half: the character LSTM on the split by role ("natural", the paper's
+    non-IID) and on the IID split with as many clients, C = 0.1, each to 54% or twice the paper's rounds."""
+    t = paper_table("2", model="lstm")
+    rows = [dict(zip(t["columns"], row)) for row in t["rows"]]
+    return [Setting("2", r["model"], partition, r["C"], r["E"], r["B"], r["target"], r[key], 2 * r[key],
+                    dataset="shakespeare", paper_u=r["u"])
+            for key, partition in [("iid", "iid"), ("noniid", "natural")] for r in rows]
 
 
 # Cells of the paper's tables run with more seeds than seed 0, to measure the spread.
@@ -228,6 +278,77 @@ def ablation_settings() -> list[Setting]:
             for v in VARIANTS for c in (cells[cell] for variant, cell in ABLATION_GRID if variant == v.name)]
 
 
+# --- Shakespeare: Table 2's LSTM rows, and the same rows at a size a CPU can run ---------------------
+
+# The LSTM rows' learning rates, by B, on the paper's lattice. The paper does not list its grid; it
+# names one rate, eta = 1.47 = 10^(1/6), for FedAvg with B = 10 ("near-optimal across the range of E",
+# Figure 3). B = 10 tries 10^(1/3) below and above it; B = 50 and FedSGD's B = infinity average over
+# more sequences per step, so their grids sit 10^(1/3) higher. A best rate at an edge of its grid says
+# the grid must grow (lesson 10 lists the Shakespeare rows with their grids).
+LSTM_GRID: dict[int | None, tuple[float, ...]] = {10: lattice(-1, 1, 3), 50: lattice(1, 3, 5), None: lattice(1, 3, 5)}
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """What 2-reduced changes from the paper's Shakespeare task, so that its runs fit a CPU."""
+
+    plays: tuple[str, ...]
+    max_sequences: int      # per role, of its training and of its test sequences (the first ones)
+    model: str
+    target: float
+    seeds: tuple[int, ...]
+
+    @property
+    def data(self) -> tuple:
+        """fedlib.shakespeare.load's options, as a Setting holds them."""
+        return (("plays", self.plays), ("max_sequences", self.max_sequences))
+
+
+REDUCED = Reduced(plays=("hamlet", "macbeth", "romeo_and_juliet"), max_sequences=32, model="lstm-small",
+                  target=0.30, seeds=(0,))
+# 2-reduced's rows: (E, B) -> (learning rates, round cap). With at most 32 sequences a client, B = 50 is one
+# batch, B = infinity: the paper's two B = 50 rows would repeat the B = infinity rows, so they are left out.
+# The grids are the paper's lattice 10^(k/6) around rates that sizing runs (seed 0) found best: FedSGD
+# reached 30% in 257, 187 and 249 rounds at eta = 3.16, 4.64 and 6.81 on the split by role; FedAvg with
+# E = 5, B = 10 in 12.0, 9.9 and 10.6 rounds at 4.64, 6.81 and 10. The caps are 3 to 6 times those rounds.
+# The two B = infinity rows have a fourth rate, 10: on the IID split the best of their first three was the
+# largest, 6.81.
+# Lesson 10's quick profile is this table's FedSGD and E = 5, B = 10 rows, each at its best rate.
+REDUCED_ROWS: dict[tuple[int, int | None], tuple[tuple[float, ...], int]] = {
+    (1, None): (lattice(3, 4, 5, 6), 600),
+    (5, None): (lattice(3, 4, 5, 6), 300),
+    (1, 10): (lattice(4, 5, 6), 300),
+    (5, 10): (lattice(4, 5, 6), 60),
+}
+
+
+def reduced_settings() -> list[Setting]:
+    """2-reduced: the paper's Shakespeare rows of :data:`REDUCED_ROWS` on :data:`REDUCED`'s smaller task
+    (its own target, no paper rounds to compare with: the paper's are for 54% at full size), IID then by role."""
+    return [Setting("2-reduced", REDUCED.model, partition, 0.1, E, B, REDUCED.target, None, cap, lrs=lrs,
+                    dataset="shakespeare", data=REDUCED.data)
+            for partition in ("iid", "natural") for (E, B), (lrs, cap) in REDUCED_ROWS.items()]
+
+
+@functools.cache
+def _shakespeare(options: tuple) -> Dataset:
+    return shakespeare.load(device="cpu", **dict(options))
+
+
+def data_of(setting: Setting, scaling: str | None = None) -> Dataset:
+    """The data a setting trains on, on the CPU: MNIST scaled as the setting says, or the Shakespeare
+    task with the setting's options (loaded once per set of options)."""
+    if setting.dataset == "shakespeare":
+        return _shakespeare(setting.data)
+    return load_dataset("mnist", scaling=scaling or setting.input_scaling, device="cpu")
+
+
+def num_clients_of(setting: Setting) -> int:
+    """K: 100 on MNIST; on Shakespeare the number of speaking roles of the setting's data, for the
+    split by role and for the IID split alike (the paper's IID version has as many clients)."""
+    return NUM_CLIENTS if setting.dataset == "mnist" else len(data_of(setting).clients)
+
+
 # --- beyond FedAvg: lesson 8's tuned comparison ---------------------------------------------------
 
 # The one cell: the 2NN on pathological non-IID MNIST, K = 100, C = 0.1, E = 5, B = 50 (u = 60 local
@@ -295,12 +416,14 @@ def beyond_grid(results: list[dict]) -> dict[str, list[Setting]]:
 
 
 def settings_of(table: str) -> list[Setting]:
-    """The settings of Table 1, Table 2 or the ablation (``beyond``: those that can be named
-    without results, see :func:`beyond_plan`)."""
+    """The settings of Table 1, Table 2 (both halves), 2-reduced or the ablation (``beyond``: those
+    that can be named without results, see :func:`beyond_plan`)."""
     if table not in TABLES:
         raise InputError(f"table must be one of {TABLES}, got {table!r}")
     if table == "beyond":
         return [s for settings in beyond_grid([]).values() for s in settings]
+    if table == "2-reduced":
+        return reduced_settings()
     return ablation_settings() if table == "ablation" else paper_settings(table)
 
 
@@ -381,12 +504,16 @@ def saved_result(setting: Setting, lr: float, seed: int, cap: int, out_dir: Path
 
 def config_of(setting: Setting, lr: float, seed: int, cap: int, device: str = "auto") -> FedAvgConfig:
     """The FedAvgConfig of one run: the setting's cell at learning rate eta = ``lr``, run
-    for at most ``cap`` rounds, stopping when it reaches the setting's target."""
-    return FedAvgConfig(dataset="mnist", model=setting.model, partition=setting.partition,
-                        num_clients=NUM_CLIENTS, frac=setting.frac, local_epochs=setting.local_epochs,
+    for at most ``cap`` rounds, stopping when it reaches the setting's target. The test set is
+    evaluated every round (every 5th with a cap over 1000 rounds; 2-reduced's FedSGD rows, whose
+    rounds cost little beside an evaluation, every 5th)."""
+    every = 5 if cap > 1000 or (setting.table == "2-reduced" and setting.batch_size is None
+                                and setting.local_epochs == 1) else 1
+    return FedAvgConfig(dataset=setting.dataset, model=setting.model, partition=setting.partition,
+                        num_clients=num_clients_of(setting), frac=setting.frac, local_epochs=setting.local_epochs,
                         batch_size=setting.batch_size, lr=lr, rounds=cap, seed=seed,
                         input_scaling=setting.input_scaling, init=setting.init,
-                        eval_every=1 if cap <= 1000 else 5, device=device,
+                        eval_every=every, device=device,
                         target=setting.target, stop_at_target=True, strategy=setting.strategy,
                         **dict(setting.knobs))
 
@@ -428,7 +555,7 @@ def sweep(jobs: Sequence[Job], out_dir: str | Path, device: str = "auto", max_ro
     """Run every job (setting, eta, seed) not yet saved under ``out_dir``; returns every job's
     result (saved ones included), in order.
 
-    data: MNIST as the settings need it scaled (default: loaded once per scaling).
+    data: the data of every job (default: each setting's own, :func:`data_of`, loaded once).
     together: train the pending runs that can share a batch (the same model, data and local
     training: ``fedlib.engine.lockstep.batch_key``) as one, with ``fedlib.run_many``, which gives
     each run the same clients and, up to float rounding, the same weights as training it alone;
@@ -436,21 +563,22 @@ def sweep(jobs: Sequence[Job], out_dir: str | Path, device: str = "auto", max_ro
     ``RunInterrupted``; the unfinished runs keep their checkpoints and resume on the next sweep.
     """
     out_dir = Path(out_dir)
-    loaded: dict[str, Dataset] = {}
+    loaded: dict[tuple, Dataset] = {}
 
     def data_for(setting: Setting) -> Dataset:
         if data is not None:                      # the caller's data (a run refuses it if scaled otherwise)
             return data
-        if setting.input_scaling not in loaded:
-            loaded[setting.input_scaling] = load_dataset("mnist", scaling=setting.input_scaling, device="cpu")
-        return loaded[setting.input_scaling]
+        key = data_key(setting)
+        if key not in loaded:
+            loaded[key] = data_of(setting)
+        return loaded[key]
 
     if together is None:
         together = get_device(device).type == "cuda"
     caps = [round_cap_of(s, max_rounds) for s, _, _ in jobs]
     results = [saved_result(s, lr, seed, cap, out_dir) for (s, lr, seed), cap in zip(jobs, caps)]
     pending = {i: config_of(*jobs[i], caps[i], device) for i, r in enumerate(results) if r is None}
-    batches = groups(pending) if together else [[i] for i in pending]
+    batches = groups(pending, {i: data_key(jobs[i][0]) for i in pending}) if together else [[i] for i in pending]
     overall = tqdm(batches, desc="reproduce", unit="batch", disable=not progress, position=0)
     for batch in overall:
         overall.set_postfix_str(run_id(*jobs[batch[0]]) + (f" and {len(batch) - 1} more" if len(batch) > 1 else ""))
@@ -466,12 +594,18 @@ def sweep(jobs: Sequence[Job], out_dir: str | Path, device: str = "auto", max_ro
     return results
 
 
-def groups(configs: dict[int, FedAvgConfig]) -> list[list[int]]:
+def data_key(setting: Setting) -> tuple:
+    """What decides a setting's data: the dataset, the inputs' scaling, the task's options."""
+    return (setting.dataset, setting.input_scaling if setting.dataset == "mnist" else "ids", setting.data)
+
+
+def groups(configs: dict[int, FedAvgConfig], data: dict[int, tuple] | None = None) -> list[list[int]]:
     """The keys of ``configs`` (positions of runs) in batches that can be trained together
-    (``fedlib.engine.lockstep``), in order of appearance; a run that cannot be batched is alone."""
+    (``fedlib.engine.lockstep``; ``data``: each run's :func:`data_key`, which they must share too), in
+    order of appearance; a run that cannot be batched is alone."""
     found: dict[tuple, list[int]] = {}
     for i, config in configs.items():
-        key = ("alone", i) if refusal(config) else batch_key(config)
+        key = ("alone", i) if refusal(config) else (batch_key(config), (data or {}).get(i))
         found.setdefault(key, []).append(i)
     return list(found.values())
 
@@ -598,23 +732,29 @@ def best_per_setting(results: Iterable[dict]) -> dict[tuple[str, int], dict]:
     return best
 
 
-def comparison_rows(table: str, out_dir: str | Path, seed: int = 0) -> list[dict]:
-    """One row per setting of the table (or of the ablation): the paper's rounds, ours
-    (best eta), their ratio.
+def comparison_rows(table: str, out_dir: str | Path, seed: int = 0, dataset: str | None = None) -> list[dict]:
+    """One row per setting of the table (or of the ablation) on one dataset: the paper's rounds,
+    ours (best eta), their ratio.
 
+    dataset: Table 2 has two halves, the MNIST CNN and the Shakespeare LSTM, each against its own
+    FedSGD row and saved in its own folder (:func:`default_out`); this picks one (default: the
+    dataset of the table's first setting, MNIST for Tables 1 and 2).
     A setting with no saved run shows ``ours = "not yet run"``; one whose runs all
     stopped at the cap shows ``"not reached"`` (and the cap). ``etas`` says how much of
     the setting's learning-rate grid has been run (``"2/3"``: the best may still move).
+    ``u`` is ours; ``paper_u`` the paper's where it prints another (its Shakespeare rows).
     """
     results = [r for r in load_results(out_dir) if r["seed"] == seed]
     best = best_per_setting(results)
+    settings = settings_of(table)
+    dataset = dataset or settings[0].dataset
     rows = []
-    for s in settings_of(table):
+    for s in (s for s in settings if s.dataset == dataset):
         r = best.get((s.name, seed))
         tried = {x["lr"] for x in results if x["setting"]["name"] == s.name}
         row = {"setting": s.name, "variant": s.variant, "model": s.model, "partition": s.partition, "C": s.frac,
                "E": s.local_epochs, "B": "inf" if s.batch_size is None else s.batch_size,
-               "u": s.updates_per_round, "paper": s.paper_rounds,
+               "u": s.updates_per_round, "paper_u": s.paper_u, "paper": s.paper_rounds,
                "etas": f"{len(tried & set(s.learning_rates()))}/{len(s.learning_rates())}"}
         if r is None:
             row |= {"ours": "not yet run", "lr": None, "ratio": None}

