@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test test-kernels setup lab book portable notebooks clean
+.PHONY: run test test-kernels setup lab book portable notebooks mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,23 @@ OTHER_KERNELS = ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=CO
 test-kernels: $(VENV)/.installed-test
 	$(OTHER_KERNELS) $(BIN)/python -m pytest -n 2 tests/test_engine.py tests/test_engine_lstm.py tests/test_fedavg.py tests/test_training.py
 	$(OTHER_KERNELS) $(NBVAL) notebooks
+
+# Mutation testing of the algorithmic modules (issue 21; the report is benchmarks/mutation.md).
+# mutmut 3.8.1 (not cosmic-ray): it mutates a copy of fedlib in mutants/ (git-ignored; `make test`
+# collects only tests/), first runs the fast subset of tests once to record which tests reach which
+# function, then for each mutant runs only those tests, switching the mutant on in a forked copy of one
+# pytest process that has already imported torch (no interpreter and torch start per mutant; torch
+# is fork-safe here: the tests use the CPU). One child at a time, niced: the CPU is shared. Modules,
+# test subset and the pragma rules for input validation: [tool.mutmut] in pyproject.toml.
+# Scope a run with a glob, e.g. make mutation MUTANTS='fedlib.strategies*'.
+MUTANTS ?=
+$(VENV)/.installed-mutation: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e ".[pinned,lessons,book,test,flower,privacy,mutation]"
+	touch $@
+
+mutation: $(VENV)/.installed-mutation
+	nice -n 15 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	$(BIN)/mutmut results
 
 # JupyterLab on the lessons (installs the lab extra once).
 lab: $(VENV)/.installed

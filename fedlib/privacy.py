@@ -111,13 +111,13 @@ def epsilon(noise_multiplier: float, q: float, rounds: int, delta: float, accoun
         import dp_accounting
         from dp_accounting.pld import pld_privacy_accountant
         from dp_accounting.rdp import rdp_privacy_accountant
-    except ImportError:
+    except ImportError:  # pragma: no mutate block
         raise ImportError("epsilon needs the dp-accounting package: pip install 'fedlib[privacy]'") from None
-    if accountant not in ACCOUNTANTS:
+    if accountant not in ACCOUNTANTS:  # pragma: no mutate block
         raise InputError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    if not 0 < delta < 1:
+    if not 0 < delta < 1:  # pragma: no mutate block
         raise InputError(f"delta must be a number in (0, 1), got {delta}")
-    if not 0 <= q <= 1:
+    if not 0 <= q <= 1:  # pragma: no mutate block
         raise InputError(f"q must be a number in [0, 1], got {q}")
     if noise_multiplier <= 0:
         return float("inf")

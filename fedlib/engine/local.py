@@ -114,11 +114,11 @@ def vectorized_local_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
     P.MU.check("mu", mu)
     m = len(client_indices)
-    if m == 0 or m != len(generators) or len(dropout_generators) != m:
+    if m == 0 or m != len(generators) or len(dropout_generators) != m:  # pragma: no mutate block
         raise ValueError(f"client_indices, generators and dropout_generators must hold one entry per client "
                          f"(>= 1), got {m}, {len(generators)} and {len(dropout_generators)}")
     reason = vectorized_unsupported_reason(model)
-    if reason:
+    if reason:  # pragma: no mutate block
         raise ValueError(f"model cannot run vectorized: {reason}")
     if weights is not None:
         model.load_state_dict(weights)
@@ -261,17 +261,17 @@ class StepTrainer:
                   and op[0] == "linear" for p in ("weight", "bias")}
         self.unfused = [n for n in self.names if n not in linear]
 
-    @torch.no_grad()
     def reset(self, start: Weights, correction: Weights | None) -> None:
         """Start a round: every model's weights from ``start`` (and FedProx's w_t), fresh momentum."""
-        for name, p in self.params.items():
-            p.copy_(start[name])
-            if self.w_t is not None:
-                self.w_t[name].copy_(start[name])
-            if self.correction is not None:
-                self.correction[name].copy_(correction[name])
-            if self.velocity is not None:
-                self.velocity[name].zero_()
+        with torch.no_grad():      # not a decorator: mutmut (make mutation) skips decorated functions
+            for name, p in self.params.items():
+                p.copy_(start[name])
+                if self.w_t is not None:
+                    self.w_t[name].copy_(start[name])
+                if self.correction is not None:
+                    self.correction[name].copy_(correction[name])
+                if self.velocity is not None:
+                    self.velocity[name].zero_()
 
     def run(self, x: torch.Tensor, y: torch.Tensor, staged: Staged, uniform_lr: float | None = None) -> torch.Tensor:
         """Train on a round's staged schedule; returns each model's summed training loss (M,).
@@ -357,7 +357,6 @@ def is_paper_2nn(model: nn.Module) -> bool:
     return type(model) is TwoNN and [name for name, _ in model.named_children()] == ["fc1", "fc2", "fc3"]
 
 
-@torch.no_grad()
 def relu_mlp_sgd_step(params: Weights, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                       lr: float | torch.Tensor) -> torch.Tensor:
     """One plain-SGD step of every model of the 2NN, with backpropagation written out.
@@ -376,24 +375,25 @@ def relu_mlp_sgd_step(params: Weights, x: torch.Tensor, y: torch.Tensor, weight:
     before the update, as autograd would. Same numbers as autograd, fewer passes over
     the weights, which is what bounds a step of B = 10 on a CPU.
     """
-    layers = ("fc1", "fc2", "fc3")
-    per_model = isinstance(lr, torch.Tensor)
-    h = [x.flatten(2)]                                               # (M, W, 784)
-    for i, name in enumerate(layers):
-        z = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h[-1], params[f"{name}.weight"].transpose(1, 2))
-        h.append(z.relu_() if i < len(layers) - 1 else z)
-    log_p = h.pop().log_softmax(-1)                                   # (M, W, 10)
-    loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * weight).sum(1)
-    g = log_p.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(log_p[..., :1]))
-    g.mul_(weight.unsqueeze(-1))                                      # dL/dlogits, (M, W, 10)
-    for i in reversed(range(len(layers))):
-        w, b = params[f"{layers[i]}.weight"], params[f"{layers[i]}.bias"]
-        below = torch.bmm(g, w).mul_(h[i] > 0) if i > 0 else None     # before W_i changes
-        step = g * lr.view(-1, 1, 1) if per_model else g
-        w.baddbmm_(step.transpose(1, 2), h[i], alpha=-1 if per_model else -lr)
-        b.sub_(step.sum(1), alpha=1 if per_model else lr)
-        g = below
-    return loss
+    with torch.no_grad():      # not a decorator: mutmut (make mutation) skips decorated functions
+        layers = ("fc1", "fc2", "fc3")
+        per_model = isinstance(lr, torch.Tensor)
+        h = [x.flatten(2)]                                               # (M, W, 784)
+        for i, name in enumerate(layers):
+            z = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h[-1], params[f"{name}.weight"].transpose(1, 2))
+            h.append(z.relu_() if i < len(layers) - 1 else z)
+        log_p = h.pop().log_softmax(-1)                                   # (M, W, 10)
+        loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * weight).sum(1)
+        g = log_p.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(log_p[..., :1]))
+        g.mul_(weight.unsqueeze(-1))                                      # dL/dlogits, (M, W, 10)
+        for i in reversed(range(len(layers))):
+            w, b = params[f"{layers[i]}.weight"], params[f"{layers[i]}.bias"]
+            below = torch.bmm(g, w).mul_(h[i] > 0) if i > 0 else None     # before W_i changes
+            step = g * lr.view(-1, 1, 1) if per_model else g
+            w.baddbmm_(step.transpose(1, 2), h[i], alpha=-1 if per_model else -lr)
+            b.sub_(step.sum(1), alpha=1 if per_model else lr)
+            g = below
+        return loss
 
 
 def _train_group_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: Weights, lr: torch.Tensor,
