@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -172,6 +173,14 @@ FLOAT64_ONLY = {"cnn-iid-B10", "cnn-shards-B10", "cnn-small-iid-B10",   # S = 10
 PAIRS = [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case in CASES
          for dtype in (torch.float64, torch.float32) if dtype == torch.float64 or case not in FLOAT64_ONLY]
 _cache: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_rounds():
+    """Every pytest session computes its rounds anew. ``make mutation`` runs one session per mutant
+    in a fork of the process that ran the clean tests: a round cached there would be the unmutated
+    code's, and the comparisons below would pass whatever the mutant does."""
+    _cache.clear()
 
 
 def both_engines(data: Dataset, case: str, dtype: torch.dtype) -> tuple[Round, tuple, tuple]:
@@ -384,6 +393,14 @@ def test_engine_names_and_fallback():
         assert resolve_engine("auto", with_buffers) == "sequential"
 
 
+def test_the_engine_fallback_warning_points_at_the_line_that_asked_for_auto():
+    """A warning names its caller's line (stacklevel 2), not fedlib's and not the caller's caller."""
+    with_buffers = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
+    with pytest.warns(UserWarning, match="falls back to 'sequential'") as caught:
+        resolve_engine("auto", with_buffers)
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_activation_bytes_counts_every_layers_output_four_times():
     """The memory estimate's activations, by hand for the 2NN and one float32 image: the outputs of fc1, fc2
     and fc3 (200 + 200 + 10 numbers of 4 bytes), times 4 (their gradients and the backward's temporaries)."""
@@ -396,3 +413,82 @@ def test_activation_bytes_counts_every_layers_output_four_times():
     # LSTM's output (T x 64) and its final states h and c (2 x 64 each) count 4 (1 + 4 x 2) times.
     lstm = activation_bytes(build_model("lstm-small"), torch.zeros(1, 5, dtype=torch.long))
     assert lstm == 4 * (5 * 8) * 4 + 4 * (1 + 4 * 2) * (5 * 64 + 2 * 64 + 2 * 64) * 4 + 4 * (5 * 10) * 4
+
+
+def test_the_vectorized_backend_trains_a_round_of_one_client_and_of_none():
+    """m = 1 (C K < 1 picks one client) is a round too: with B = infinity and E = 1 the client's update is
+    one full-batch gradient step, written out by hand (float64, one step: rounding only); no client, no update."""
+    from fedlib.backends import Vectorized
+    from fedlib.strategies import build
+    from tests.helpers import assert_within_rounding, sgd_by_hand, small_data
+
+    data = small_data(60, dtype=torch.float64)
+    clients = [torch.arange(0, 25), torch.arange(25, 60)]
+    config = FedAvgConfig(num_clients=2, frac=0.0, batch_size=None, lr=0.1)
+    model = build_model("2nn").double()
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = Vectorized(model, data, clients, config)
+    updates = backend.update(w_t, np.array([1]), 1, build(config, w_t))
+    assert list(updates) == [1] and updates[1].num_examples == 35
+    by_hand = sgd_by_hand(data.x_train[25:60], data.y_train[25:60], w_t, epochs=1, batch_size=None, lr=0.1, seed=0)
+    assert_within_rounding(updates[1].weights, by_hand, steps=1)
+    assert backend.update(w_t, np.array([], dtype=int), 1, build(config, w_t)) == {}
+
+
+def round_bytes_by_hand(engine: str, P: int, per_input: int, sizes: list[int], C: float, E: int, B: int | None,
+                        copies: int, inputs_per_example: int = 1, state_copies: int = 0, limit: int = 1024) -> int:
+    """round_bytes's docstring written out: m = max(C K, 1) clients, the m largest n_k, b = 4 P bytes
+    (float32), W = min(B, largest n_k); vectorized: groups of g = min(m, max(1, limit // (W x inputs)))
+    models with copies models' worth each, S = E ceil(n_max / B) steps x W slots of 21 bytes and the
+    activations of W inputs, and 2 m b of updates; sequential: 4 b, the activations of W inputs and
+    m b of updates; all times the measured slack 1.6."""
+    b, m = 4 * P, max(int(C * len(sizes)), 1)
+    largest = sorted(sizes)[::-1][:m]
+    W = largest[0] if B is None else min(B, largest[0])
+    if engine == "vectorized":
+        g = min(m, max(1, limit // (W * inputs_per_example)))
+        S = E * (1 if B is None else -(-largest[0] // B))
+        working, updates = g * (copies * b + S * W * 21 + W * per_input), 2 * m * b
+    else:
+        working, updates = 4 * b + W * per_input, m * b
+    return int(1.6 * (updates + working + state_copies * b))
+
+
+def test_round_bytes_is_its_docstrings_count(monkeypatch):
+    """The memory estimate, exactly, against its docstring's count written out above (the bounds in
+    test_hostile_input.py only check that it covers what was measured). Each case makes one term
+    matter: unequal n_k (the m largest), B below n_max, E = 2, momentum, mu and SCAFFOLD's copies, a
+    group limited to one model (W = 600), a sequence model (7 inputs per example of T = 80), and a
+    device of its own limit (the meta device stands in for CUDA, whose limit differs from the CPU's)."""
+    from fedlib.backends import round_bytes
+
+    mlp, lstm = build_model("2nn"), build_model("lstm-small")
+    images, sequences = torch.zeros(3, 1, 28, 28), torch.zeros(3, 80, dtype=torch.long)
+    P_mlp, P_lstm = (sum(p.numel() for p in model.parameters()) for model in (mlp, lstm))
+    A_mlp = 4 * (200 + 200 + 10) * 4                # activation_bytes of one image (see the test above)
+    A_lstm = 4 * (80 * 8) * 4 + 4 * (1 + 4 * 2) * (80 * 64 + 2 * 64 + 2 * 64) * 4 + 4 * (80 * 10) * 4
+    unequal = [30, 70, 10, 50, 20, 60, 40, 5]       # K = 8; C = 0.5: the 4 largest are 70, 60, 50, 40
+    cases = [  # engine, model, x, sizes, config, copies, inputs per example, state copies
+        ("vectorized", mlp, images, unequal, dict(frac=0.5, local_epochs=2, batch_size=16, momentum=0.5), 4, 1, 0),
+        ("vectorized", mlp, images, unequal, dict(frac=0.5, batch_size=16, strategy="fedprox", mu=0.1), 4, 1, 0),
+        ("vectorized", mlp, images, [600, 30, 20, 10], dict(frac=0.5, local_epochs=2, batch_size=None,
+                                                            strategy="scaffold"), 4, 1, 5),
+        ("vectorized", mlp, images, [600, 30, 20, 10], dict(frac=0.5, batch_size=None), 3, 1, 0),
+        ("vectorized", lstm, sequences, [120] * 8, dict(frac=0.5, batch_size=None), 3, 7, 0),
+        ("sequential", mlp, images, unequal, dict(frac=0.5, batch_size=16), 0, 1, 2),
+        ("sequential", mlp, images, [600, 30, 20, 10], dict(frac=0.5, batch_size=None), 0, 1, 0),
+    ]
+    for engine, model, x, sizes, overrides, copies, inputs, state in cases:
+        config = FedAvgConfig(num_clients=len(sizes), **overrides)
+        P, A = (P_mlp, A_mlp) if model is mlp else (P_lstm, A_lstm)
+        expected = round_bytes_by_hand(engine, P, A, sizes, config.frac, config.local_epochs, config.batch_size,
+                                       copies, inputs, state)
+        assert round_bytes(engine, model, x, sizes, config, state) == expected, (engine, sizes, overrides)
+    # A device without a limit of its own takes the CPU's (1024 inputs a step); one with its own, that one.
+    config = FedAvgConfig(num_clients=4, frac=0.5, batch_size=None)
+    meta_mlp, meta_x = build_model("2nn").to("meta"), torch.zeros(3, 1, 28, 28, device="meta")
+    assert round_bytes("vectorized", meta_mlp, meta_x, [600, 30, 20, 10], config) == \
+        round_bytes_by_hand("vectorized", P_mlp, A_mlp, [600, 30, 20, 10], 0.5, 1, None, 3)
+    monkeypatch.setitem(fedlib.engine.local.MAX_EXAMPLES_PER_STEP, "meta", 2048)
+    assert round_bytes("vectorized", meta_mlp, meta_x, [600, 30, 20, 10], config) == \
+        round_bytes_by_hand("vectorized", P_mlp, A_mlp, [600, 30, 20, 10], 0.5, 1, None, 3, limit=2048)
