@@ -535,6 +535,101 @@ def test_only_the_papers_2nn_itself_takes_the_backpropagation_written_out():
     assert not is_paper_2nn(Tanh2NN()) and not is_paper_2nn(extended) and not is_paper_2nn(build_model("mlp"))
 
 
+def sgd_with_correction_by_hand(model: nn.Module, x, y, w0: dict, batch_size, lr, seed, correction=None):
+    """One epoch of minibatch SGD written out, w <- w - lr (g + (c - c_k)), on a copy of ``model`` (batches
+    from epoch_batches with the client's generator, a fact); returns its weights and the examples-weighted
+    mean of its batch losses (the ClientUpdate's training loss for E = 1)."""
+    import copy
+    from fedlib.client import epoch_batches
+
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(w0)
+    total = 0.0
+    for batch in epoch_batches(len(y), batch_size, torch.Generator().manual_seed(seed)):
+        loss = F.cross_entropy(reference(x[batch]), y[batch])
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        with torch.no_grad():
+            for (name, p), g in zip(reference.named_parameters(), grads):
+                p -= lr * (g + (correction[name] if correction is not None else 0.0))
+        total += loss.item() * len(batch)
+    return reference.state_dict(), total / len(y)
+
+
+def test_a_model_without_a_program_trains_through_vmap_as_sgd_by_hand():
+    """The fallback for a model the batched network does not describe (vmap over autograd): SCAFFOLD's
+    correction c - c_k included, a client whose second step has one example, and each client's training
+    loss; against SGD written out on a copy of the model. float64: rounding only (2 steps of sums of at
+    most 784 terms)."""
+    from fedlib.engine.batched import program_for
+    from tests.helpers import assert_within_rounding, small_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    assert program_for(model) is None
+    data = small_data(31, dtype=torch.float64)
+    clients = [torch.arange(0, 11), torch.arange(11, 31)]
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    corrections = [{k: 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in w0.items()}
+                   for _ in clients]
+    result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                      [torch.Generator().manual_seed(k) for k in range(2)], epochs=1, batch_size=10,
+                                      lr=0.1, weights=w0, corrections=corrections,
+                                      dropout_generators=[torch.Generator() for _ in clients])
+    for i, idx in enumerate(clients):
+        by_hand, loss = sgd_with_correction_by_hand(model, data.x_train[idx], data.y_train[idx], w0, 10, 0.1, i,
+                                                    corrections[i])
+        assert_within_rounding(result.client(i), by_hand, steps=2)
+        assert result.train_loss[i].item() == pytest.approx(loss, rel=2 * 784 * U[torch.float64])
+        assert result.steps[i].item() == 2
+
+
+def test_a_sequence_model_without_a_program_trains_through_vmap_on_its_real_characters():
+    """The vmap fallback with a sequence model of its own (embedding, linear; no program): with B = infinity
+    and E = 1, one step on the mean cross-entropy over the real characters (padding IGNORE_INDEX)."""
+    from fedlib.data import IGNORE_INDEX
+    from fedlib.engine.batched import program_for
+    from tests.helpers import assert_within_rounding, synthetic
+
+    class TinyCharModel(nn.Module):
+        def __init__(self, vocabulary: int):
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(vocabulary, 4), nn.Linear(4, vocabulary)
+
+        def forward(self, x):                                   # (B, T) -> (B, V, T)
+            return self.fc(self.embed(x)).transpose(1, 2)
+
+    data = synthetic()
+    torch.manual_seed(0)
+    model = TinyCharModel(data.num_classes).double()
+    assert program_for(model) is None
+    clients = [torch.as_tensor(data.clients[k]) for k in (0, 3)]
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                      [torch.Generator().manual_seed(k) for k in range(2)], epochs=1, batch_size=None,
+                                      lr=1.0, weights=w0, dropout_generators=[torch.Generator() for _ in clients])
+    for i, idx in enumerate(clients):
+        by_hand, loss = sgd_with_correction_by_hand(model, data.x_train[idx], data.y_train[idx], w0, None, 1.0, i)
+        assert_within_rounding(result.client(i), by_hand, steps=1, longest_sum=80 * len(idx))
+        assert result.train_loss[i].item() == pytest.approx(loss, rel=80 * len(idx) * U[torch.float64])
+    assert (data.y_train[clients[0]] == IGNORE_INDEX).any() or (data.y_train[clients[1]] == IGNORE_INDEX).any()
+
+
+def test_each_model_without_a_program_draws_its_own_dropout_masks():
+    """vmap with randomness="different": two clients with the same examples and the same shuffle still train
+    apart, each on its own dropout masks (with the same masks they would end equal)."""
+    from tests.helpers import small_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)).double()
+    data = small_data(20, dtype=torch.float64)
+    same = torch.arange(0, 20)
+    result = vectorized_local_updates(model, data.x_train, data.y_train, [same, same],
+                                      [torch.Generator().manual_seed(1) for _ in range(2)], epochs=1, batch_size=10,
+                                      lr=0.1, dropout_generators=[torch.Generator() for _ in range(2)])
+    assert not torch.equal(result.client(0)["1.weight"], result.client(1)["1.weight"])
+
+
 def round_bytes_by_hand(engine: str, P: int, per_input: int, sizes: list[int], C: float, E: int, B: int | None,
                         copies: int, inputs_per_example: int = 1, state_copies: int = 0, limit: int = 1024) -> int:
     """round_bytes's docstring written out: m = max(C K, 1) clients, the m largest n_k, b = 4 P bytes
