@@ -114,15 +114,19 @@ def test_vmap_fallback_and_programs_equal_local_update(small, model):
 # --- dropout masks ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("one_draw", [True, False], ids=["one-draw", "a-draw-per-step"])
-@pytest.mark.parametrize("name", ["cnn-small", "mlp", "small-conv-two-rates"])
+@pytest.mark.parametrize("name", ["cnn-small", "mlp", "small-conv-two-rates", "mlp-rate-0.25"])
 def test_dropout_masks_are_the_ones_nn_dropout_draws(monkeypatch, name, one_draw):
     """Each model's masks, step by step, are what the model's own nn.Dropout layers draw
     after torch.manual_seed of the same seed (padding steps draw nothing); also where the
-    layers' rates p differ (cnn-small with one rate changed by hand: a draw per step and layer)."""
+    layers' rates p differ (cnn-small with one rate changed by hand: a draw per step and layer)
+    and for a rate other than 0.5 (the mlp's changed by hand)."""
     monkeypatch.setattr(fedlib.engine.schedule, "_draws_concatenate", lambda dtype: one_draw)
-    model = build_model("cnn-small" if name == "small-conv-two-rates" else name).double().train()
+    built = {"small-conv-two-rates": "cnn-small", "mlp-rate-0.25": "mlp"}.get(name, name)
+    model = build_model(built).double().train()
     if name == "small-conv-two-rates":
         model.fc1_drop.p = 0.25
+    if name == "mlp-rate-0.25":
+        model.dropout.p = 0.25
     batched = BatchedModel(model, program_for(model), channels_last=False)
     counts = torch.tensor([[10.0, 10.0], [10.0, 3.0], [4.0, 0.0], [10.0, 0.0]])       # (S, M): short and empty steps
     masks = dropout_masks(batched.dropouts, counts, [torch.Generator().manual_seed(7 + i) for i in range(2)],
