@@ -107,7 +107,7 @@ def resolve_engine(engine: str, model: nn.Module) -> str:
     if engine == "vectorized" and reason:  # pragma: no mutate block
         raise InputError(f"engine='vectorized' cannot run this model: {reason}; use 'sequential'")
     if engine == "auto" and reason:
-        warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=2)
+        warnings.warn(f"engine='auto' falls back to 'sequential': {reason}", stacklevel=3)
         return "sequential"
     if engine == "auto":
         return "sequential" if sequential_is_faster(model) else "vectorized"
