@@ -51,11 +51,16 @@ check, like the CNN's, is over S <= 2 steps.
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fedlib.engine
 import fedlib.backends
@@ -172,6 +177,14 @@ FLOAT64_ONLY = {"cnn-iid-B10", "cnn-shards-B10", "cnn-small-iid-B10",   # S = 10
 PAIRS = [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case in CASES
          for dtype in (torch.float64, torch.float32) if dtype == torch.float64 or case not in FLOAT64_ONLY]
 _cache: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_rounds():
+    """Every pytest session computes its rounds anew. ``make mutation`` runs one session per mutant
+    in a fork of the process that ran the clean tests: a round cached there would be the unmutated
+    code's, and the comparisons below would pass whatever the mutant does."""
+    _cache.clear()
 
 
 def both_engines(data: Dataset, case: str, dtype: torch.dtype) -> tuple[Round, tuple, tuple]:
@@ -384,6 +397,26 @@ def test_engine_names_and_fallback():
         assert resolve_engine("auto", with_buffers) == "sequential"
 
 
+def test_the_engine_fallback_warning_points_at_the_line_that_asked_for_auto():
+    """resolve_engine's one caller is fedlib.Job, which a lesson or a script builds (or run() does):
+    the warning names the line that built the Job (stacklevel 3), not a line inside fedlib. Under
+    make mutation, mutmut's trampoline sits between Job and resolve_engine, which this still names."""
+    with_buffers = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
+
+    def job():                                   # stands for fedlib.Job.__init__
+        return resolve_engine("auto", with_buffers)
+
+    with pytest.warns(UserWarning, match="falls back to 'sequential'") as caught:
+        built = inspect.currentframe().f_lineno + 1
+        job()
+    assert len(caught) == 1
+    where = (Path(caught[0].filename).name, caught[0].lineno)
+    if os.environ.get("MUTANT_UNDER_TEST"):      # make mutation: mutmut's trampoline is one frame more
+        assert where[0] == Path(__file__).name
+    else:
+        assert where == (Path(__file__).name, built)
+
+
 def test_activation_bytes_counts_every_layers_output_four_times():
     """The memory estimate's activations, by hand for the 2NN and one float32 image: the outputs of fc1, fc2
     and fc3 (200 + 200 + 10 numbers of 4 bytes), times 4 (their gradients and the backward's temporaries)."""
@@ -396,3 +429,275 @@ def test_activation_bytes_counts_every_layers_output_four_times():
     # LSTM's output (T x 64) and its final states h and c (2 x 64 each) count 4 (1 + 4 x 2) times.
     lstm = activation_bytes(build_model("lstm-small"), torch.zeros(1, 5, dtype=torch.long))
     assert lstm == 4 * (5 * 8) * 4 + 4 * (1 + 4 * 2) * (5 * 64 + 2 * 64 + 2 * 64) * 4 + 4 * (5 * 10) * 4
+
+
+def test_the_vectorized_backend_trains_a_round_of_one_client_and_of_none():
+    """m = 1 (C K < 1 picks one client) is a round too: with B = infinity and E = 1 the client's update is
+    one full-batch gradient step, written out by hand (float64, one step: rounding only); no client, no update."""
+    from fedlib.backends import Vectorized
+    from fedlib.strategies import build
+    from tests.helpers import assert_within_rounding, sgd_by_hand, small_data
+
+    data = small_data(60, dtype=torch.float64)
+    clients = [torch.arange(0, 25), torch.arange(25, 60)]
+    config = FedAvgConfig(num_clients=2, frac=0.0, batch_size=None, lr=0.1)
+    model = build_model("2nn").double()
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = Vectorized(model, data, clients, config)
+    updates = backend.update(w_t, np.array([1]), 1, build(config, w_t))
+    assert list(updates) == [1] and updates[1].num_examples == 35
+    by_hand = sgd_by_hand(data.x_train[25:60], data.y_train[25:60], w_t, epochs=1, batch_size=None, lr=0.1, seed=0)
+    assert_within_rounding(updates[1].weights, by_hand, steps=1)
+    assert backend.update(w_t, np.array([], dtype=int), 1, build(config, w_t)) == {}
+
+
+def test_a_sequence_round_is_sgd_on_the_mean_over_real_characters():
+    """The character LSTM through the engine (the one sequence test of make mutation's subset): two roles of
+    unequal length, B = infinity, E = 1, so each client's update is one step of eta times the gradient of its
+    mean cross-entropy over its real characters (padding targets IGNORE_INDEX; the shorter client's padded
+    examples not at all), written out with torch's own nn.LSTM and autograd on a copy of the model. float64,
+    one step: rounding only, at most n u max|w| with n = T x max(4 x 64 hidden, W) (tests/test_engine_lstm.py)."""
+    from fedlib.data import IGNORE_INDEX
+    from tests.helpers import synthetic
+
+    data = synthetic()
+    clients = [torch.as_tensor(data.clients[k]) for k in (0, 3)]
+    assert len(clients[0]) != len(clients[1]) and (data.y_train == IGNORE_INDEX).any()
+    torch.manual_seed(1)
+    model = build_model("lstm-small", data.num_classes).double()
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                      [torch.Generator().manual_seed(k) for k in range(2)], epochs=1, batch_size=None,
+                                      lr=1.0, weights=w_t, dropout_generators=[torch.Generator() for _ in range(2)])
+    n = data.x_train.shape[1] * max(4 * 64, max(len(idx) for idx in clients))
+    for i, idx in enumerate(clients):
+        reference = build_model("lstm-small", data.num_classes).double()
+        reference.load_state_dict(w_t)
+        loss = F.cross_entropy(reference(data.x_train[idx]), data.y_train[idx], ignore_index=IGNORE_INDEX)
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        for (name, p), g in zip(reference.named_parameters(), grads):
+            expected = p.detach() - 1.0 * g
+            assert (result.client(i)[name] - expected).abs().max().item() <= n * U[torch.float64] * expected.abs().max()
+        assert result.train_loss[i].item() == pytest.approx(loss.item(), rel=n * U[torch.float64])
+        assert (result.num_examples[i].item(), result.steps[i].item()) == (len(idx), 1)
+
+
+def test_clients_beyond_max_examples_per_step_are_trained_in_groups(monkeypatch):
+    """Groups of max(1, limit // W) clients (W = min(B, the largest n_k) = 10 here), one after another, and
+    every client still gets its own SGD written out by hand (sgd_by_hand: the same shuffles), the last
+    client's second step on a batch of one example."""
+    from tests.helpers import assert_within_rounding, sgd_by_hand, small_data
+
+    data = small_data(71, dtype=torch.float64)
+    clients = [torch.arange(0, 10), torch.arange(10, 30), torch.arange(30, 60), torch.arange(60, 71)]
+    model = build_model("2nn").double()
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = []
+    train_group = fedlib.engine.local._train_group
+    monkeypatch.setattr(fedlib.engine.local, "_train_group",
+                        lambda *args: groups.append(len(args[5])) or train_group(*args))
+    for limit, expected_groups in ((20, [2, 2]), (15, [1, 1, 1, 1])):
+        groups.clear()
+        result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                          [torch.Generator().manual_seed(100 + k) for k in range(4)], epochs=1,
+                                          batch_size=10, lr=0.1, weights=w_t, max_examples_per_step=limit,
+                                          dropout_generators=[torch.Generator() for _ in range(4)])
+        assert groups == expected_groups
+        assert result.num_examples.tolist() == [10, 20, 30, 11] and result.steps.tolist() == [1, 2, 3, 2]
+        for i, idx in enumerate(clients):
+            by_hand = sgd_by_hand(data.x_train[idx], data.y_train[idx], w_t, 1, 10, 0.1, seed=100 + i)
+            assert_within_rounding(result.client(i), by_hand, steps=3)
+
+
+def test_a_sequence_steps_loss_is_the_mean_over_its_real_characters():
+    """mean_loss_per_model for sequences, summed out by hand: model 0 has three examples, one ending in padding
+    targets (IGNORE_INDEX); model 1 one real example with a single real character and two padding rows (weight
+    0); model 2 sits the step out (every weight 0) and has loss 0. Sums of at most 12 float64 terms."""
+    from fedlib.data import IGNORE_INDEX
+    from fedlib.engine.local import mean_loss_per_model
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(3, 3, 4, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (3, 3, 4), generator=g)
+    target[0, 1, 2:] = IGNORE_INDEX
+    target[1, 0, 1:] = IGNORE_INDEX
+    weight = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    expected = []
+    for m in range(3):
+        real = [losses[m, w, t].item() for w in range(3) for t in range(4)
+                if weight[m, w] > 0 and target[m, w, t] != IGNORE_INDEX]
+        expected.append(sum(real) / len(real) if real else 0.0)
+    assert expected[1] == losses[1, 0, 0].item() and expected[2] == 0.0
+    got = mean_loss_per_model(losses, target, weight)
+    assert got.tolist() == pytest.approx(expected, rel=12 * U[torch.float64], abs=0)
+
+
+def test_only_the_papers_2nn_itself_takes_the_backpropagation_written_out():
+    """relu_mlp_sgd_step computes the 2NN's ReLU layers by hand: a subclass that changes the forward pass, or
+    a 2NN with a layer added, must go through autograd instead."""
+    from fedlib.engine.local import is_paper_2nn
+    from fedlib.models import TwoNN
+
+    class Tanh2NN(TwoNN):
+        def forward(self, x):
+            return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
+
+    extended = TwoNN()
+    extended.scale = nn.Identity()
+    assert is_paper_2nn(TwoNN()) and is_paper_2nn(build_model("2nn"))
+    assert not is_paper_2nn(Tanh2NN()) and not is_paper_2nn(extended) and not is_paper_2nn(build_model("mlp"))
+
+
+def sgd_with_correction_by_hand(model: nn.Module, x, y, w0: dict, batch_size, lr, seed, correction=None):
+    """One epoch of minibatch SGD written out, w <- w - lr (g + (c - c_k)), on a copy of ``model`` (batches
+    from epoch_batches with the client's generator, a fact); returns its weights and the examples-weighted
+    mean of its batch losses (the ClientUpdate's training loss for E = 1)."""
+    import copy
+    from fedlib.client import epoch_batches
+
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(w0)
+    total = 0.0
+    for batch in epoch_batches(len(y), batch_size, torch.Generator().manual_seed(seed)):
+        loss = F.cross_entropy(reference(x[batch]), y[batch])
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        with torch.no_grad():
+            for (name, p), g in zip(reference.named_parameters(), grads):
+                p -= lr * (g + (correction[name] if correction is not None else 0.0))
+        total += loss.item() * len(batch)
+    return reference.state_dict(), total / len(y)
+
+
+def test_a_model_without_a_program_trains_through_vmap_as_sgd_by_hand():
+    """The fallback for a model the batched network does not describe (vmap over autograd): SCAFFOLD's
+    correction c - c_k included, a client whose second step has one example, and each client's training
+    loss; against SGD written out on a copy of the model. float64: rounding only (2 steps of sums of at
+    most 784 terms)."""
+    from fedlib.engine.batched import program_for
+    from tests.helpers import assert_within_rounding, small_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    assert program_for(model) is None
+    data = small_data(31, dtype=torch.float64)
+    clients = [torch.arange(0, 11), torch.arange(11, 31)]
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    corrections = [{k: 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in w0.items()}
+                   for _ in clients]
+    result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                      [torch.Generator().manual_seed(k) for k in range(2)], epochs=1, batch_size=10,
+                                      lr=0.1, weights=w0, corrections=corrections,
+                                      dropout_generators=[torch.Generator() for _ in clients])
+    for i, idx in enumerate(clients):
+        by_hand, loss = sgd_with_correction_by_hand(model, data.x_train[idx], data.y_train[idx], w0, 10, 0.1, i,
+                                                    corrections[i])
+        assert_within_rounding(result.client(i), by_hand, steps=2)
+        assert result.train_loss[i].item() == pytest.approx(loss, rel=2 * 784 * U[torch.float64])
+        assert result.steps[i].item() == 2
+
+
+def test_a_sequence_model_without_a_program_trains_through_vmap_on_its_real_characters():
+    """The vmap fallback with a sequence model of its own (embedding, linear; no program): with B = infinity
+    and E = 1, one step on the mean cross-entropy over the real characters (padding IGNORE_INDEX)."""
+    from fedlib.data import IGNORE_INDEX
+    from fedlib.engine.batched import program_for
+    from tests.helpers import assert_within_rounding, synthetic
+
+    class TinyCharModel(nn.Module):
+        def __init__(self, vocabulary: int):
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(vocabulary, 4), nn.Linear(4, vocabulary)
+
+        def forward(self, x):                                   # (B, T) -> (B, V, T)
+            return self.fc(self.embed(x)).transpose(1, 2)
+
+    data = synthetic()
+    torch.manual_seed(0)
+    model = TinyCharModel(data.num_classes).double()
+    assert program_for(model) is None
+    clients = [torch.as_tensor(data.clients[k]) for k in (0, 3)]
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = vectorized_local_updates(model, data.x_train, data.y_train, clients,
+                                      [torch.Generator().manual_seed(k) for k in range(2)], epochs=1, batch_size=None,
+                                      lr=1.0, weights=w0, dropout_generators=[torch.Generator() for _ in clients])
+    for i, idx in enumerate(clients):
+        by_hand, loss = sgd_with_correction_by_hand(model, data.x_train[idx], data.y_train[idx], w0, None, 1.0, i)
+        assert_within_rounding(result.client(i), by_hand, steps=1, longest_sum=80 * len(idx))
+        assert result.train_loss[i].item() == pytest.approx(loss, rel=80 * len(idx) * U[torch.float64])
+    assert (data.y_train[clients[0]] == IGNORE_INDEX).any() or (data.y_train[clients[1]] == IGNORE_INDEX).any()
+
+
+def test_each_model_without_a_program_draws_its_own_dropout_masks():
+    """vmap with randomness="different": two clients with the same examples and the same shuffle still train
+    apart, each on its own dropout masks (with the same masks they would end equal)."""
+    from tests.helpers import small_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)).double()
+    data = small_data(20, dtype=torch.float64)
+    same = torch.arange(0, 20)
+    result = vectorized_local_updates(model, data.x_train, data.y_train, [same, same],
+                                      [torch.Generator().manual_seed(1) for _ in range(2)], epochs=1, batch_size=10,
+                                      lr=0.1, dropout_generators=[torch.Generator() for _ in range(2)])
+    assert not torch.equal(result.client(0)["1.weight"], result.client(1)["1.weight"])
+
+
+def round_bytes_by_hand(engine: str, P: int, per_input: int, sizes: list[int], C: float, E: int, B: int | None,
+                        copies: int, inputs_per_example: int = 1, state_copies: int = 0, limit: int = 1024) -> int:
+    """round_bytes's docstring written out: m = max(C K, 1) clients, the m largest n_k, b = 4 P bytes
+    (float32), W = min(B, largest n_k); vectorized: groups of g = min(m, max(1, limit // (W x inputs)))
+    models with copies models' worth each, S = E ceil(n_max / B) steps x W slots of 21 bytes and the
+    activations of W inputs, and 2 m b of updates; sequential: 4 b, the activations of W inputs and
+    m b of updates; all times the measured slack 1.6."""
+    b, m = 4 * P, max(int(C * len(sizes)), 1)
+    largest = sorted(sizes)[::-1][:m]
+    W = largest[0] if B is None else min(B, largest[0])
+    if engine == "vectorized":
+        g = min(m, max(1, limit // (W * inputs_per_example)))
+        S = E * (1 if B is None else -(-largest[0] // B))
+        working, updates = g * (copies * b + S * W * 21 + W * per_input), 2 * m * b
+    else:
+        working, updates = 4 * b + W * per_input, m * b
+    return int(1.6 * (updates + working + state_copies * b))
+
+
+def test_round_bytes_is_its_docstrings_count(monkeypatch):
+    """The memory estimate, exactly, against its docstring's count written out above (the bounds in
+    test_hostile_input.py only check that it covers what was measured). Each case makes one term
+    matter: unequal n_k (the m largest), B below n_max, E = 2, momentum, mu and SCAFFOLD's copies,
+    groups limited by W (600, 300), a sequence model (ceil(T / 12) = 3 inputs per example of T = 25), and a
+    device of its own limit (the meta device stands in for CUDA, whose limit differs from the CPU's)."""
+    from fedlib.backends import round_bytes
+
+    mlp, lstm = build_model("2nn"), build_model("lstm-small")
+    images, sequences = torch.zeros(3, 1, 28, 28), torch.zeros(3, 25, dtype=torch.long)
+    P_mlp, P_lstm = (sum(p.numel() for p in model.parameters()) for model in (mlp, lstm))
+    A_mlp = 4 * (200 + 200 + 10) * 4                # activation_bytes of one image (see the test above)
+    A_lstm = 4 * (25 * 8) * 4 + 4 * (1 + 4 * 2) * (25 * 64 + 2 * 64 + 2 * 64) * 4 + 4 * (25 * 10) * 4
+    unequal = [30, 70, 10, 50, 20, 60, 40, 5]       # K = 8; C = 0.5: the 4 largest are 70, 60, 50, 40
+    cases = [  # engine, model, x, sizes, config, copies, inputs per example, state copies
+        ("vectorized", mlp, images, unequal, dict(frac=0.5, local_epochs=2, batch_size=16, momentum=0.5), 4, 1, 0),
+        ("vectorized", mlp, images, unequal, dict(frac=0.5, batch_size=16, strategy="fedprox", mu=0.1), 4, 1, 0),
+        ("vectorized", mlp, images, [600, 30, 20, 10], dict(frac=0.5, local_epochs=2, batch_size=None,
+                                                            strategy="scaffold"), 4, 1, 5),
+        ("vectorized", mlp, images, [600, 30, 20, 10], dict(frac=0.5, batch_size=None), 3, 1, 0),
+        ("vectorized", mlp, images, [300, 300, 300, 10], dict(frac=0.75, batch_size=None), 3, 1, 0),
+        ("vectorized", lstm, sequences, [50] * 16, dict(frac=0.5, batch_size=None), 3, 3, 0),
+        ("sequential", mlp, images, unequal, dict(frac=0.5, batch_size=16), 0, 1, 2),
+        ("sequential", mlp, images, [600, 30, 20, 10], dict(frac=0.5, batch_size=None), 0, 1, 0),
+    ]
+    for engine, model, x, sizes, overrides, copies, inputs, state in cases:
+        config = FedAvgConfig(num_clients=len(sizes), **overrides)
+        P, A = (P_mlp, A_mlp) if model is mlp else (P_lstm, A_lstm)
+        expected = round_bytes_by_hand(engine, P, A, sizes, config.frac, config.local_epochs, config.batch_size,
+                                       copies, inputs, state)
+        assert round_bytes(engine, model, x, sizes, config, state) == expected, (engine, sizes, overrides)
+    # A device without a limit of its own takes the CPU's (1024 inputs a step); one with its own, that one.
+    config = FedAvgConfig(num_clients=4, frac=0.5, batch_size=None)
+    meta_mlp, meta_x = build_model("2nn").to("meta"), torch.zeros(3, 1, 28, 28, device="meta")
+    assert round_bytes("vectorized", meta_mlp, meta_x, [600, 30, 20, 10], config) == \
+        round_bytes_by_hand("vectorized", P_mlp, A_mlp, [600, 30, 20, 10], 0.5, 1, None, 3)
+    monkeypatch.setitem(fedlib.engine.local.MAX_EXAMPLES_PER_STEP, "meta", 2048)
+    assert round_bytes("vectorized", meta_mlp, meta_x, [600, 30, 20, 10], config) == \
+        round_bytes_by_hand("vectorized", P_mlp, A_mlp, [600, 30, 20, 10], 0.5, 1, None, 3, limit=2048)

@@ -113,15 +113,25 @@ def test_vmap_fallback_and_programs_equal_local_update(small, model):
 
 # --- dropout masks ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("counts", [[[10.0, 10.0], [10.0, 3.0], [4.0, 0.0], [10.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]],
+                         ids=["short-and-empty-steps", "B=1"])
 @pytest.mark.parametrize("one_draw", [True, False], ids=["one-draw", "a-draw-per-step"])
-@pytest.mark.parametrize("name", ["cnn-small", "mlp"])
-def test_dropout_masks_are_the_ones_nn_dropout_draws(monkeypatch, name, one_draw):
+@pytest.mark.parametrize("name", ["cnn-small", "mlp", "small-conv-two-rates", "mlp-rate-0.25"])
+def test_dropout_masks_are_the_ones_nn_dropout_draws(monkeypatch, name, one_draw, counts):
     """Each model's masks, step by step, are what the model's own nn.Dropout layers draw
-    after torch.manual_seed of the same seed (padding steps draw nothing)."""
+    after torch.manual_seed of the same seed (padding steps draw nothing), also when no step
+    holds more than one example (B = 1); also where the layers' rates p differ (cnn-small with
+    one rate changed by hand: a draw per step and layer) and for a rate other than 0.5 (the
+    mlp's changed by hand)."""
     monkeypatch.setattr(fedlib.engine.schedule, "_draws_concatenate", lambda dtype: one_draw)
-    model = build_model(name).double().train()
+    built = {"small-conv-two-rates": "cnn-small", "mlp-rate-0.25": "mlp"}.get(name, name)
+    model = build_model(built).double().train()
+    if name == "small-conv-two-rates":
+        model.fc1_drop.p = 0.25
+    if name == "mlp-rate-0.25":
+        model.dropout.p = 0.25
     batched = BatchedModel(model, program_for(model), channels_last=False)
-    counts = torch.tensor([[10.0, 10.0], [10.0, 3.0], [4.0, 0.0], [10.0, 0.0]])       # (S, M): short and empty steps
+    counts = torch.tensor(counts)                                                     # (S, M) examples per step
     masks = dropout_masks(batched.dropouts, counts, [torch.Generator().manual_seed(7 + i) for i in range(2)],
                           torch.float64)
     layers = [dict(model.named_modules())[layer.name] for layer in batched.dropouts]
