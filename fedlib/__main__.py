@@ -12,8 +12,13 @@ import signal
 import sys
 
 
+interrupted = False      # set by the first signal, even if the KeyboardInterrupt is then lost
+
+
 def first_interrupt_only(signum, frame) -> None:
     """SIGINT and SIGTERM: raise KeyboardInterrupt once, and ignore both from then on."""
+    global interrupted
+    interrupted = True
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
@@ -25,6 +30,8 @@ def launch() -> int:
         signal.signal(sig, first_interrupt_only)
     try:
         from fedlib.cli import main
+        if interrupted:      # the signal came, but code imported meanwhile swallowed its KeyboardInterrupt
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("fedlib: interrupted", file=sys.stderr)
         # Nothing is written yet, so end here: a Ctrl-C that landed while an extension ran code
