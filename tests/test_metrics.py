@@ -145,6 +145,7 @@ def test_a_history_saves_losses_that_are_not_finite_as_null_and_reads_them_back(
     saved = h.to_dict()
     assert [(r["train_loss"], r["test_loss"]) for r in saved["records"]] == [(0.4, 0.7), (None, None)]
     assert saved["diverged"] is True and saved["device"] == "cuda:0" and saved["versions"] == h.versions
+    assert (h.versions["torch"], h.versions["numpy"]) == (torch.__version__, np.__version__)
     h.save(tmp_path / "run.json")
     back = History.load(tmp_path / "run.json")
     assert back.device == "cuda:0" and back.config == {"num_clients": 3} and back.versions == h.versions
@@ -165,6 +166,8 @@ def test_a_history_saves_losses_that_are_not_finite_as_null_and_reads_them_back(
     ("clients", [0, 3], "clients must be distinct clients in \\[0, 3\\)"),
     ("clients", [1, 1], "clients must be distinct clients in .* increasing order, got \\[1, 1\\]"),
     ("round", True, "round must be 2"),
+    ("clients", [-1, 0], "clients must be distinct clients in \\[0, 3\\)"),
+    ("bytes_uploaded", 20.5, "bytes_uploaded must be a count"),
 ])
 def test_a_saved_record_is_checked_field_by_field(field, value, fragment):
     good = History({"num_clients": 3}, [record(1, uploaded=10), record(2, uploaded=10)]).to_dict()
@@ -172,6 +175,28 @@ def test_a_saved_record_is_checked_field_by_field(field, value, fragment):
     good["records"][1][field] = value
     with pytest.raises(InputError, match=f"record 1's {fragment}"):
         History.from_dict(good)
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("x" * 57, repr("x" * 57)),                       # a repr of 59 characters is shown whole
+    ("x" * 58, repr("x" * 58)[:50] + "..."),          # one of 60 is cut to 50 and "..."
+    (list(range(40)), repr(list(range(40)))[:50] + "..."),
+])
+def test_a_wrong_value_is_shown_in_the_message_up_to_59_characters(value, shown):
+    saved = History({}, [record(1)]).to_dict()
+    saved["records"][0]["train_loss"] = value
+    with pytest.raises(InputError) as error:
+        History.from_dict(saved)
+    assert str(error.value).endswith(f", got {shown}")
+
+
+def test_a_saved_history_is_checked_whole():
+    first = History({}, [record(1, clients=(), uploaded=0)]).to_dict()      # a round without clients uploads 0
+    assert History.from_dict(first).records[0].bytes_uploaded == 0
+    with pytest.raises(InputError, match=r"a history has no fields \['extra'\]"):
+        History.from_dict(first | {"extra": 1})
+    with pytest.raises(InputError, match=r"its 'diverged' \(True\) does not match its records"):
+        History.from_dict(first | {"diverged": True})
 
 
 def test_loading_a_missing_or_wrong_file_names_it(tmp_path):

@@ -141,6 +141,8 @@ def test_iid_is_the_seeded_permutation_cut_into_k_consecutive_parts():
     sizes = [n // K + (1 if k < n % K else 0) for k in range(K)]       # the first n mod K get one more
     starts = [sum(sizes[:k]) for k in range(K)]
     parts = P.iid(n, K, seed=seed)
+    assert [p.tolist() for p in P.iid(n, K)] == \
+        [np.random.default_rng(0).permutation(n)[start:start + size].tolist() for start, size in zip(starts, sizes)]
     assert [len(p) for p in parts] == [101, 101, 101] + [100] * 7
     for part, start, size in zip(parts, starts, sizes):
         assert part.dtype == np.int64 and part.tolist() == order[start:start + size].tolist()
@@ -170,6 +172,8 @@ def test_shards_deal_the_papers_sorted_shards(K, s, size):
     expected = shards_by_hand(y.tolist(), K, s, size if size is not None else 103 // (K * s), 7)
     assert [p.tolist() for p in parts] == expected
     assert all(p.dtype == np.int64 for p in parts)
+    if size is None:                                                # the default seed is 0
+        assert [p.tolist() for p in P.shards(y, K, s)] == shards_by_hand(y.tolist(), K, s, 103 // (K * s), 0)
 
 
 def dirichlet_by_hand(y, K, alpha, min_size, seed, max_tries=1000):
@@ -184,6 +188,8 @@ def dirichlet_by_hand(y, K, alpha, min_size, seed, max_tries=1000):
             idx = rng.permutation([i for i in range(n) if y[i] == c])
             p = rng.dirichlet([alpha] * K)
             p = np.array([p[k] if sizes[k] < n / K else 0.0 for k in range(K)])
+            if p.sum() == 0 or np.isnan(p).any():      # no share left (alpha 1e308 draws zeros): equal shares
+                p = np.ones(K) / K
             share = np.cumsum(p / p.sum())
             cuts = [0] + [int(share[k] * len(idx)) for k in range(K - 1)] + [len(idx)]
             for k in range(K):
@@ -195,7 +201,12 @@ def dirichlet_by_hand(y, K, alpha, min_size, seed, max_tries=1000):
     return None, shorts
 
 
-@pytest.mark.parametrize("K, alpha, min_size, seed", [(6, 0.5, 0, 0), (6, 0.5, 30, 1), (9, 0.2, 5, 3), (4, 50.0, 1, 1)])
+@pytest.mark.parametrize("K, alpha, min_size, seed", [
+    (6, 0.5, 0, 0), (6, 0.5, 30, 1), (9, 0.2, 5, 3), (4, 50.0, 1, 1),
+    (6, 0.5, 33, 0),                       # the first draw's smallest client holds exactly min_size = 33
+    (9, 0.05, 0, 0),                       # two clients get nothing (min_size 0 allows it)
+    (3, 1e308, 0, 0), (7, 1e308, 0, 2),    # Dirichlet draws of zeros: every class cut in K equal shares
+])
 def test_dirichlet_is_the_pfnm_split_it_documents(K, alpha, min_size, seed):
     y = np.random.default_rng(4).integers(0, 5, size=300)
     expected, shorts = dirichlet_by_hand(y, K, alpha, min_size, seed)
@@ -204,6 +215,8 @@ def test_dirichlet_is_the_pfnm_split_it_documents(K, alpha, min_size, seed):
     assert all(p.dtype == np.int64 for p in parts)
     if (K, seed) == (6, 1):
         assert len(shorts) == 6, "this case redraws six times (it tests the redraw)"
+    if min_size == 33 or alpha == 0.05:
+        assert not shorts and min(len(p) for p in parts) == min_size
 
 
 def test_dirichlet_gives_up_early_by_the_average_number_of_short_clients():
@@ -215,6 +228,23 @@ def test_dirichlet_gives_up_early_by_the_average_number_of_short_clients():
     assert t < 40, "the case must be refused early"
     with pytest.raises(InputError, match=f"{t} draws left on average {sum(shorts[:t]) / t:.1f} of the 30 clients"):
         P.dirichlet(y, 30, alpha=0.05, min_size=9, max_tries=40)
+    # The defaults: min_size 10, max_tries 1000 (the message names both, the latter as the draws remaining).
+    _, shorts = dirichlet_by_hand(y, 30, 0.05, 10, 0, max_tries=10)
+    t = next(t for t in range(3, 11) if (1000 - t) * np.exp(-sum(shorts[:t]) / t) < 1e-3)
+    with pytest.raises(InputError, match=f"min_size=10 at alpha=0.05: {t} draws .* the remaining {1000 - t} draws"):
+        P.dirichlet(y, 30, alpha=0.05)
+
+
+def test_dirichlet_draws_max_tries_times_and_no_more():
+    """The case (6, 0.5, 30, seed 1) first succeeds on its 7th draw (see the test above)."""
+    y = np.random.default_rng(4).integers(0, 5, size=300)
+    expected, shorts = dirichlet_by_hand(y, 6, 0.5, 30, 1)
+    assert len(shorts) == 6
+    assert [p.tolist() for p in P.dirichlet(y, 6, alpha=0.5, min_size=30, seed=1, max_tries=7)] == expected
+    with pytest.raises(InputError, match=f"6 draws left on average {sum(shorts) / 6:.1f} .* the remaining 0 draws"):
+        P.dirichlet(y, 6, alpha=0.5, min_size=30, seed=1, max_tries=6)
+    with pytest.raises(InputError, match="no split with min_size=30 found in 2 draws"):   # too few to refuse early
+        P.dirichlet(y, 6, alpha=0.5, min_size=30, seed=1, max_tries=2)
 
 
 @pytest.mark.parametrize("n, K, sigma, min_size, seed", [(1000, 7, 1.0, 10, 0), (500, 13, 0.3, 2, 3)])
@@ -230,24 +260,26 @@ def test_unbalanced_sizes_are_min_size_plus_lognormal_shares_of_the_rest(n, K, s
     parts = P.unbalanced(n, K, sigma=sigma, min_size=min_size, seed=seed)
     assert [p.tolist() for p in parts] == expected
     assert all(p.dtype == np.int64 for p in parts)
+    if (sigma, min_size, seed) == (1.0, 10, 0):                   # the defaults
+        assert [p.tolist() for p in P.unbalanced(n, K)] == expected
 
 
 def test_check_split_refuses_an_example_on_two_clients():
     P.check_split([np.array([0, 2]), np.array([1, 3])], 4)
-    with pytest.raises(InputError, match="deals example 2 twice"):
+    with pytest.raises(InputError, match="^the split deals example 2 twice"):
         P.check_split([np.array([0, 2]), np.array([1]), np.array([2, 3])], 4)
 
 
 def test_natural_returns_the_datasets_clients_as_int64_index_arrays():
-    parts = P.make_partition("natural", np.zeros((6, 3)), 2, clients=[[0, 4], [1, 2, 5]])
+    parts = P.make_partition("natural", np.zeros((6, 3)), 2, clients=[np.array([0, 4], dtype=np.int32), [1, 2, 5]])
     assert [p.tolist() for p in parts] == [[0, 4], [1, 2, 5]]
     assert all(p.dtype == np.int64 for p in parts)
 
 
 def test_class_counts_reads_the_number_of_classes_off_the_labels():
     import torch
-    y = torch.tensor([0, 3, 3, 1])
-    assert P.class_counts([np.array([0, 1]), np.array([2, 3])], y).tolist() == [[1, 0, 0, 1], [0, 1, 0, 1]]
+    y = torch.tensor([0, 3, 3, 1])                       # client 0 holds no example of the largest class, 3
+    assert P.class_counts([np.array([0, 3]), np.array([1, 2])], y).tolist() == [[1, 1, 0, 0], [0, 0, 0, 2]]
 
 
 @pytest.mark.parametrize("name, kwargs, direct", [
@@ -262,3 +294,22 @@ def test_make_partition_passes_every_knob_on(name, kwargs, direct):
     assert [p.tolist() for p in named] == [p.tolist() for p in direct(y)]
     default = P.make_partition(name, y, 5, seed=3)
     assert ([p.tolist() for p in default] == [p.tolist() for p in named]) == (name == "iid")
+
+
+@pytest.mark.parametrize("name, direct", [
+    ("iid", lambda y: P.iid(len(y), 5, 0)),
+    ("shards", lambda y: P.shards(y, 5, 2, None, 0)),
+    ("dirichlet", lambda y: P.dirichlet(y, 5, 0.5, 10, 0)),
+    ("unbalanced", lambda y: P.unbalanced(len(y), 5, 1.0, 10, 0)),
+])
+def test_make_partition_defaults_are_seed_0_alpha_0_5_min_size_10_sigma_1(name, direct):
+    y = np.random.default_rng(0).integers(0, 3, size=120)
+    assert [p.tolist() for p in P.make_partition(name, y, 5)] == [p.tolist() for p in direct(y)]
+
+
+def test_lognormal_sizes_that_overflow_are_refused_without_a_numpy_warning():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # an overflow warning would fail here
+        with pytest.raises(InputError, match="too large"):
+            P.unbalanced(60000, 100, sigma=800.0, min_size=0)
