@@ -317,6 +317,7 @@ def test_batch_schedule_is_each_clients_shuffle_padded():
     index, mask = batch_schedule(clients, [torch.Generator().manual_seed(k) for k in range(2)],
                                  epochs=2, batch_size=10)
     assert index.shape == mask.shape == (6, 2, 10)          # S = 2 epochs * ceil(23 / 10)
+    assert index.dtype == torch.int64 and mask.dtype == torch.float32     # as its docstring says
     for k, idx in enumerate(clients):
         real = index[:, k][mask[:, k].bool()]
         assert len(real) == 2 * len(idx)                     # every example once per epoch
