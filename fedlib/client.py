@@ -121,7 +121,7 @@ def local_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
 
 def add_to_gradients(model: nn.Module, w_t: Weights | None, mu: float, correction: Weights | None) -> None:
     """FedProx's mu (w - w_t) and SCAFFOLD's c - c_k, added to every parameter's gradient."""
-    with torch.no_grad():      # not a decorator: mutmut (make mutation) skips decorated functions
+    with torch.no_grad():      # editing .grad is not part of the model: autograd records nothing
         for name, p in model.named_parameters():
             if mu:
                 p.grad.add_(p - w_t[name], alpha=mu)
