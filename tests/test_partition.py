@@ -307,9 +307,13 @@ def test_make_partition_defaults_are_seed_0_alpha_0_5_min_size_10_sigma_1(name, 
     assert [p.tolist() for p in P.make_partition(name, y, 5)] == [p.tolist() for p in direct(y)]
 
 
-def test_lognormal_sizes_that_overflow_are_refused_without_a_numpy_warning():
+@pytest.mark.parametrize("num_clients, sigma, seed", [
+    (100, 800.0, 0),     # exp(sigma z) itself is inf for the largest z (no floating-point warning: C's exp)
+    (2, 477.35, 4512),   # both sizes finite (1.65e308 and 1.43e308), but their sum overflows float64
+])
+def test_lognormal_sizes_that_overflow_are_refused_without_a_numpy_warning(num_clients, sigma, seed):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")                          # an overflow warning would fail here
         with pytest.raises(InputError, match="too large"):
-            P.unbalanced(60000, 100, sigma=800.0, min_size=0)
+            P.unbalanced(60000, num_clients, sigma=sigma, min_size=0, seed=seed)
