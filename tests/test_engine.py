@@ -398,24 +398,34 @@ def test_engine_names_and_fallback():
         assert resolve_engine("auto", with_buffers) == "sequential"
 
 
-def test_the_engine_fallback_warning_points_at_the_line_that_asked_for_auto():
+def test_the_engine_fallback_warning_points_at_the_line_that_asked_for_auto(monkeypatch):
     """resolve_engine's one caller is fedlib.Job, which a lesson or a script builds (or run() does):
-    the warning names the line that built the Job (stacklevel 3), not a line inside fedlib. Under
-    make mutation, mutmut's trampoline sits between Job and resolve_engine, which this still names."""
+    the warning names the line that built the Job (stacklevel 3), not a line inside fedlib.
+
+    Checked twice: the warning Python records (its file and line), and the frame the stacklevel
+    picks out of the calls that led to it, counted without mutmut's trampoline. Under make mutation
+    the trampoline's two frames sit between Job and resolve_engine, so there only the second check
+    can tell the right stacklevel from a wrong one."""
     with_buffers = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
+    chosen = {}
+    warn = fedlib.backends.warnings.warn
+
+    def recording_warn(message, category=None, stacklevel=1, **kwargs):
+        calls = [f for f in inspect.stack()[1:] if not f.filename.endswith(os.path.join("mutation", "trampoline.py"))]
+        chosen["frame"] = calls[stacklevel - 1]          # stacklevel 1 is the function that calls warn
+        warn(message, category, stacklevel=stacklevel + 1, **kwargs)
 
     def job():                                   # stands for fedlib.Job.__init__
         return resolve_engine("auto", with_buffers)
 
+    monkeypatch.setattr(fedlib.backends.warnings, "warn", recording_warn)
     with pytest.warns(UserWarning, match="falls back to 'sequential'") as caught:
         built = inspect.currentframe().f_lineno + 1
         job()
     assert len(caught) == 1
-    where = (Path(caught[0].filename).name, caught[0].lineno)
-    if os.environ.get("MUTANT_UNDER_TEST"):      # make mutation: mutmut's trampoline is one frame more
-        assert where[0] == Path(__file__).name
-    else:
-        assert where == (Path(__file__).name, built)
+    assert (Path(chosen["frame"].filename).name, chosen["frame"].lineno) == (Path(__file__).name, built)
+    if not os.environ.get("MUTANT_UNDER_TEST"):
+        assert (Path(caught[0].filename).name, caught[0].lineno) == (Path(__file__).name, built)
 
 
 def test_activation_bytes_counts_every_layers_output_four_times():
