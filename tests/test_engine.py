@@ -641,6 +641,73 @@ def test_a_sequence_model_without_a_program_trains_through_vmap_on_its_real_char
     assert (data.y_train[clients[0]] == IGNORE_INDEX).any() or (data.y_train[clients[1]] == IGNORE_INDEX).any()
 
 
+META_CASES = {     # ids avoid "cnn": make mutation's subset runs with -k "not cnn"
+    "2nn-by-hand": dict(model="2nn"),
+    "2nn-momentum-prox": dict(model="2nn", momentum=0.5, weight_decay=1e-3, mu=0.1),
+    "small-conv-dropout": dict(model="cnn-small"),
+    "mlp-dropout-scaffold": dict(model="mlp", scaffold=True),
+    "2nn-in-groups": dict(model="2nn", max_examples_per_step=10),
+    "vmap-scaffold-momentum": dict(model="vmap", scaffold=True, momentum=0.0, mu=0.1),
+}
+
+
+@pytest.mark.parametrize("case", META_CASES)
+def test_the_engine_makes_every_tensor_on_the_datas_device(case, monkeypatch):
+    """On a GPU the engine must make each tensor (counts, weights, rates, losses, buffers) on x's device;
+    a ``device=`` left out would put it on the CPU, which on this CPU-only machine is also where x is, so
+    no other test can tell. PyTorch's "meta" device (shapes and dtypes, no data) plays the GPU here: with
+    the model and the data on it, a tensor made on the CPU meets a meta tensor and PyTorch refuses the
+    mix, or comes back on the CPU. The schedule is drawn on the CPU (the clients' generators are CPU ones) and
+    staged on the device once per round, where each step reads it (an index left on the CPU would still
+    work, copied to the device at every step: so the staged schedule is checked too)."""
+    import fedlib.engine.local as local
+
+    staged = []
+    real_stage = local.stage
+    monkeypatch.setattr(local, "stage", lambda *args: staged.append(real_stage(*args)) or staged[-1])
+    kw = dict(META_CASES[case])
+    name, scaffold = kw.pop("model"), kw.pop("scaffold", False)
+    torch.manual_seed(0)
+    if name == "vmap":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))
+    else:
+        model = build_model(name)
+    model = model.to("meta")
+    x, y = torch.empty(31, 1, 28, 28, device="meta"), torch.empty(31, dtype=torch.int64, device="meta")
+    clients = [torch.arange(0, 11), torch.arange(11, 31)]
+    corrections = [{k: torch.empty_like(v) for k, v in model.state_dict().items()} for _ in clients] \
+        if scaffold else None
+    result = vectorized_local_updates(model, x, y, clients, [torch.Generator().manual_seed(k) for k in range(2)],
+                                      epochs=2, batch_size=10, lr=0.1, corrections=corrections,
+                                      dropout_generators=[torch.Generator().manual_seed(9 + k) for k in range(2)],
+                                      **kw)
+    for tensor_name, w in model.state_dict().items():
+        assert result.weights[tensor_name].device.type == "meta", tensor_name
+        assert result.weights[tensor_name].shape == (2,) + w.shape, tensor_name
+    for field in ("num_examples", "train_loss", "steps"):
+        assert getattr(result, field).device.type == "meta", field
+        assert getattr(result, field).shape == (2,), field
+    assert len(staged) == (0 if name == "vmap" else 2 if "max_examples_per_step" in kw else 1)   # groups of 1
+    for s in staged:
+        tensors = {"index": s.index, "weight": s.weight, "scale": s.scale, "count": s.count, **s.masks}
+        assert {k: t.device.type for k, t in tensors.items()} == {k: "meta" for k in tensors}
+
+
+def test_models_trained_at_their_own_rates_stay_on_the_datas_device():
+    """The lockstep path (one rate per model, several runs at once) on the meta device, as above."""
+    from fedlib.engine import LocalSGD, train_models
+
+    model = build_model("2nn").to("meta")
+    x, y = torch.empty(31, 1, 28, 28, device="meta"), torch.empty(31, dtype=torch.int64, device="meta")
+    start = {k: v.unsqueeze(0).expand(3, *v.shape) for k, v in model.state_dict().items()}
+    result = train_models(model, x, y, start, torch.tensor([0.1, 0.05, 0.02]),
+                          [torch.arange(0, 11), torch.arange(11, 31), torch.arange(31)],
+                          [torch.Generator().manual_seed(k) for k in range(3)],
+                          [torch.Generator() for _ in range(3)], LocalSGD(2, 10, momentum=0.5))
+    assert {w.device.type for w in result.weights.values()} == {"meta"}
+    assert result.train_loss.device.type == result.steps.device.type == "meta"
+
+
 def test_each_model_without_a_program_draws_its_own_dropout_masks():
     """vmap with randomness="different": two clients with the same examples and the same shuffle still train
     apart, each on its own dropout masks (with the same masks they would end equal)."""
