@@ -160,36 +160,23 @@ def _workdir(output: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.flower
-def test_deploy_three_supernodes_two_rounds(tmp_path):
+def test_deploy_three_supernodes_two_rounds_one_stopped_in_round_two(tmp_path):
+    """The command line, as lesson 7 runs it: three SuperNodes, two rounds, and SuperNode 0 stopped
+    (SIGTERM) as soon as round 2 has begun, after the server sent it the round's message. A stopped
+    SuperNode tells the SuperLink that it leaves, so the message comes back at once as an error, and
+    the round averages the two updates it got. (A SuperNode killed without warning is noticed only when
+    it misses its heartbeats: 2 x 30 s in Flower 1.42.) One test for both: each deployment takes about
+    a minute of two CPUs."""
     out = tmp_path / "history.json"
-    done = _deploy("--supernodes", "3", "--num-clients", "100", "--rounds", "2", "--out", str(out), timeout=300)
+    done = _deploy("--supernodes", "3", "--num-clients", "100", "--rounds", "2", "--frac", "1.0",
+                   "--stop-in-round", "2", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "# stopped SuperNode 0 (partition 0) while round 2 runs" in done.stdout
     history = fedlib.History.load(out)
     assert [r.round for r in history.records] == [1, 2]
-    assert [r.clients for r in history.records] == [[0, 1, 2], [0, 1, 2]]
-    assert history.final_accuracy > 0.7 and history.config["engine_used"] == "flower"
+    assert [r.clients for r in history.records] == [[0, 1, 2], [1, 2]]
+    assert all(r.test_accuracy > 0.5 for r in history.records) and history.config["engine_used"] == "flower"
     workdir = _workdir(done.stdout)
-    assert not workdir.exists() and processes_using(workdir) == []
-
-
-@pytest.mark.slow
-@pytest.mark.flower
-def test_run_finishes_without_a_stopped_supernode():
-    """SuperNode 0 is stopped (SIGTERM) as soon as round 2 has begun, after the server sent it the
-    round's message. A stopped SuperNode tells the SuperLink that it leaves, so the message comes
-    back at once as an error, and the round averages the two updates it got. (A SuperNode killed
-    without warning is noticed only when it misses its heartbeats: 2 x 30 s in Flower 1.42.)"""
-    from fedlib.flower.deploy import LocalFederation
-
-    with LocalFederation(3, num_clients=100, log="none") as federation:
-        result = federation.run({"rounds": 2, "frac": 1.0}, stop_in_round=2, timeout=300)
-        workdir = federation.workdir
-    history = result.history
-    assert result.stopped == [0]
-    assert [r.round for r in history.records] == [1, 2]
-    assert history.records[0].clients == [0, 1, 2]
-    assert history.records[1].clients == [1, 2]
-    assert all(r.test_accuracy > 0.5 for r in history.records)
     assert not workdir.exists() and processes_using(workdir) == []
 
 
@@ -204,6 +191,7 @@ def test_a_round_in_which_every_node_fails_records_no_clients():
     with LocalFederation(1, num_clients=100, log="none") as federation:
         result = federation.run({"rounds": 2, "frac": 1.0}, stop_in_round=2, timeout=300)
     first, second = result.history.records
+    assert result.stopped == [0]
     assert first.clients == [0] and second.clients == []
     assert math.isfinite(first.train_loss) and math.isnan(second.train_loss)
     assert second.bytes_uploaded == first.bytes_uploaded
