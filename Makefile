@@ -41,8 +41,9 @@ run: book
 
 # The lessons are tested against their stored outputs: each notebook runs in a fresh kernel
 # (one notebook per worker: --dist loadscope) on the CPU in the quick profile, and every
-# output must match, after the substitutions in notebooks/nbval_sanitize.cfg.
-NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope \
+# output must match, after the substitutions in notebooks/nbval_sanitize.cfg. The longest
+# lessons are handed out first (notebooks/conftest.py; --no-loadscope-reorder keeps that order).
+NBVAL = FEDLIB_PROFILE=quick FEDLIB_DEVICE=cpu $(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder \
 	--nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 # The portable copies in portable/ are not run a second time: tests/test_portable.py proves
