@@ -647,7 +647,7 @@ META_CASES = {     # ids avoid "cnn": make mutation's subset runs with -k "not c
     "small-conv-dropout": dict(model="cnn-small"),
     "mlp-dropout-scaffold": dict(model="mlp", scaffold=True),
     "2nn-in-groups": dict(model="2nn", max_examples_per_step=10),
-    "vmap-scaffold-momentum": dict(model="vmap", scaffold=True, momentum=0.0, mu=0.1),
+    "vmap-scaffold-prox": dict(model="vmap", scaffold=True, mu=0.1),
 }
 
 
@@ -662,9 +662,13 @@ def test_the_engine_makes_every_tensor_on_the_datas_device(case, monkeypatch):
     work, copied to the device at every step: so the staged schedule is checked too)."""
     import fedlib.engine.local as local
 
-    staged = []
+    staged = []                                          # every round's schedule as stage() made it
     real_stage = local.stage
-    monkeypatch.setattr(local, "stage", lambda *args: staged.append(real_stage(*args)) or staged[-1])
+
+    def recording_stage(*args):
+        staged.append(real_stage(*args))
+        return staged[-1]
+    monkeypatch.setattr(local, "stage", recording_stage)
     kw = dict(META_CASES[case])
     name, scaffold = kw.pop("model"), kw.pop("scaffold", False)
     torch.manual_seed(0)
