@@ -609,6 +609,47 @@ def test_a_ctrl_c_that_an_import_swallows_still_stops_the_program(tmp_path):
     assert (done.returncode, done.stderr.strip()) == (130, "fedlib: interrupted"), done.stderr
 
 
+BROKEN_WHILE_IMPORTING = """
+import os, signal, sys, time
+import fedlib.__main__ as entry
+
+when = sys.argv[1]
+
+class Break:                         # an error raised while fedlib.cli is imported, after a Ctrl-C or not
+    def find_spec(self, name, path=None, target=None):
+        if name == "fedlib.cli":
+            if when == "after-ctrl-c":
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                except KeyboardInterrupt as interrupt:   # as Python 3.11 does when the signal lands in __set_name__
+                    raise RuntimeError("Error calling __set_name__ on 'Field' instance") from interrupt
+            else:
+                raise RuntimeError("a bug in an import")
+        return None
+
+sys.meta_path.insert(0, Break())
+sys.argv = ["fedlib", "train", *sys.argv[2:]]
+sys.exit(entry.launch())
+"""
+
+
+@pytest.mark.parametrize("when", ["after-ctrl-c", "without-ctrl-c"])
+def test_an_error_raised_by_an_import_is_the_ctrl_c_only_if_one_came(tmp_path, when):
+    """The Ctrl-C test above once failed with a traceback: the signal landed while torch's import created a
+    class, and Python 3.11 turned the KeyboardInterrupt into "RuntimeError: Error calling __set_name__". After a
+    Ctrl-C such an error is the interrupt (one line, status 130); without one it is a bug and keeps its traceback."""
+    write_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
+    done = subprocess.run([sys.executable, "-c", BROKEN_WHILE_IMPORTING, when, *TINY, "--rounds", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FEDLIB_DATA": str(tmp_path / "data")})
+    if when == "after-ctrl-c":
+        assert (done.returncode, done.stderr.strip()) == (130, "fedlib: interrupted"), done.stderr
+    else:
+        assert done.returncode == 1 and "Traceback" in done.stderr, done.stderr
+        assert done.stderr.strip().endswith("RuntimeError: a bug in an import")
+
+
 def test_importing_fedlib_imports_nothing_heavy():
     """What lets python -m fedlib catch a Ctrl-C during the imports: the package is lazy."""
     code = "import sys, fedlib; print('torch' in sys.modules); fedlib.FedAvgConfig; print('torch' in sys.modules)"
