@@ -145,6 +145,48 @@ def test_simulation_runs_every_method_as_fedlib_does_bit_for_bit(mnist):
     assert result.ray_start_seconds > 0 and result.peak_memory_bytes > 100 * 2**20
 
 
+class SilentGrid:
+    """A Flower Grid that takes the ServerApp's messages and answers none (no processes)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_and_receive(self, messages, timeout):
+        self.sent.append(len(messages))
+        return []
+
+
+@pytest.mark.parametrize("reproducible", [False, True], ids=["secret", "seeded"])
+def test_a_secret_dp_runs_log_names_neither_its_clients_nor_how_many(reproducible, capsys, monkeypatch):
+    """DP-FedAvg's sample is secret (its History records no clients): the ServerApp's log keeps it
+    too, while a --dp-reproducible run, whose guarantee is void anyway, logs S_t as any other."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlib.flower.server_app import run_on_flower
+
+    for key in ("_run_id", "_node_id", "_task_id"):      # what Flower sets in a ServerApp's process
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+    config = FedAvgConfig(num_clients=10, frac=0.5, rounds=2, seed=0, device="cpu", strategy="dp-fedavg",
+                          dp_clip=1.0, dp_noise=1.0, dp_reproducible=reproducible)
+    grid = SilentGrid()
+    history = run_on_flower(grid, config, timeout=1, nodes={k: 100 + k for k in range(10)})
+    out = capsys.readouterr().out
+    assert len(history.records) == 2 and sum(grid.sent) > 0
+    for record, sent in zip(history.records, grid.sent):
+        t = record.round
+        if reproducible:
+            assert f"round {t}: S_t has {sent} clients, {sent} with a SuperNode; sent to [" in out
+            assert f"round {t}: 0 updates came back, {sent} did not" in out
+            assert f"round {t}: 0 clients, test accuracy" in out
+        else:
+            assert f"round {t}: S_t is secret; sent to its clients with a SuperNode\n" in out
+            assert f"round {t}: the replies are in\n" in out
+            assert f"round {t}: S_t secret, test accuracy" in out
+    if not reproducible:
+        assert "sent to [" not in out and "came back" not in out and " clients, test" not in out
+
+
 # --- deployment: real processes --------------------------------------------------------------
 
 

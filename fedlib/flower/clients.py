@@ -40,6 +40,7 @@ class FlowerClients:
     def __init__(self, grid: Grid, config: FedAvgConfig, timeout: float = 600, verbose: bool = True,
                  nodes: dict[int, int] | None = None):
         self.grid, self.config, self.timeout, self.verbose = grid, config, timeout, verbose
+        self.secret = False                      # whether this round's sample is secret (set by update)
         self.nodes = client_nodes(grid, timeout) if nodes is None else nodes
 
     def message(self, k: int, w_t: Weights, t: int, strategy: FedAvg) -> Message:
@@ -53,7 +54,10 @@ class FlowerClients:
 
     def update(self, w_t: Weights, S_t: np.ndarray, t: int, strategy: FedAvg) -> dict[int, ClientResult]:
         reachable = [int(k) for k in S_t if int(k) in self.nodes]
-        self.say(f"round {t}: S_t has {len(S_t)} clients, {len(reachable)} with a SuperNode; sent to {reachable}")
+        self.secret = strategy.secret_sample     # DP-FedAvg: who took part, and how many, stay out of the log
+        self.say(f"round {t}: " + ("S_t is secret; sent to its clients with a SuperNode" if self.secret
+                                   else f"S_t has {len(S_t)} clients, {len(reachable)} with a SuperNode; "
+                                        f"sent to {reachable}"))
         replies = self.grid.send_and_receive([self.message(k, w_t, t, strategy) for k in reachable],
                                              timeout=self.timeout)
         updates, failed = {}, []
@@ -68,7 +72,8 @@ class FlowerClients:
                 continue
             updates[k] = update
         missing = len(reachable) - len(updates)
-        self.say(f"round {t}: {len(updates)} updates came back, {missing} did not"
+        counts = "the replies are in" if self.secret else f"{len(updates)} updates came back, {missing} did not"
+        self.say(f"round {t}: {counts}"
                  + (f" ({'; '.join(sorted(set(failed)))})" if failed else ""))
         return dict(sorted(updates.items()))
 

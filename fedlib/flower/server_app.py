@@ -53,7 +53,8 @@ def run_on_flower(grid: Grid, config: FedAvgConfig, timeout: float = 600, verbos
 
     def say(record) -> None:
         if verbose:
-            print(f"round {record.round}: {len(record.clients)} clients, test accuracy {record.test_accuracy}",
+            took_part = "S_t secret" if clients.secret else f"{len(record.clients)} clients"
+            print(f"round {record.round}: {took_part}, test accuracy {record.test_accuracy}",
                   flush=True)
     return run(config, dataset(config.dataset, config.input_scaling), progress=False, clients=clients, on_round=say)
 
