@@ -3,7 +3,8 @@
 ``test_book_in_browser`` builds the site from the notebooks' stored outputs (the commands
 of ``make book``), serves ``_build/html`` on 127.0.0.1 and opens every page in headless
 Chromium (Debian's ``chromium`` package, driven by Playwright) with every request that
-leaves the site blocked, so the pages are checked as a reader without network sees them.
+leaves the site blocked except MathJax's, which the test serves from a local copy of the
+same version: the pages are checked as a reader sees them, their math typeset.
 Screenshots of the landing page (whole) and of the top of the first lesson (launch menu
 open) go to ``_build/screenshots/``.
 The lessons are the notebooks that ``_toc.yml`` lists, in its order.
@@ -12,15 +13,16 @@ The lessons are the notebooks that ``_toc.yml`` lists, in its order.
 ``book/portable.py``) with nbconvert's lab template as JupyterLab shows it (a cell whose source
 or output JupyterLab collapses is collapsed: ``book/nbconvert/portable``), and checks in the
 same browser what a student in Jupyter or Colab would see: no MyST markup, every number the
-site pastes, the solutions closed, every figure. Its screenshots (the top of the first lesson,
+site pastes, the math typeset, the solutions closed, every figure. Its screenshots (the top of the first lesson,
 and its first solution) go to ``_build/screenshots/portable-*.png``. The site's pages get the
-same markup and pasted-number checks in ``test_book_in_browser``.
+same markup, math and pasted-number checks in ``test_book_in_browser``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import re
 import subprocess
@@ -43,9 +45,13 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own download is not used
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-# The only thing a page may fetch from outside the site: MathJax, which typesets the math.
-# Without it the TeX source is shown, which still reads.
-OPTIONAL_EXTERNAL = ("https://cdn.jsdelivr.net/npm/mathjax@",)
+# The only thing a page fetches from outside the site: MathJax 3, which typesets the math (the site's
+# pages load it from this CDN, and so do the portable lessons rendered here, as JupyterLab 4 uses
+# MathJax 3). The test serves the same version's files from the package sphinx-mathjax-offline in
+# the CDN's place, so the math is typeset as a reader online sees it; everything else is blocked.
+MATHJAX_CDN = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/"
+MATHJAX = Path(importlib.metadata.distribution("sphinx-mathjax-offline").locate_file(
+    "sphinx-mathjax-offline/static/mathjax"))
 COLAB = "https://colab.research.google.com"
 
 
@@ -118,6 +124,45 @@ def plain_quotes(text: str) -> str:
 
 def markup_shown(text: str) -> list[str]:
     return [m for m in MYST_MARKUP if m in text]
+
+
+def offline(allowed: str, blocked: list[str]):
+    """A Playwright route handler: the site's own requests pass, MathJax's come from MATHJAX,
+    anything else is recorded in ``blocked`` and refused."""
+    def route(route) -> None:
+        url = route.request.url
+        if url.startswith((allowed, "data:")):
+            route.continue_()
+        elif url.startswith(MATHJAX_CDN) and (MATHJAX / url.removeprefix(MATHJAX_CDN).split("?")[0]).is_file():
+            route.fulfill(path=MATHJAX / url.removeprefix(MATHJAX_CDN).split("?")[0])
+        else:
+            blocked.append(url)
+            route.abort()
+    return route
+
+
+# The text of `selector`'s elements as a reader sees it once MathJax has run, without code (whose
+# dollars are code) and without typeset math: any TeX delimiter left in it is math that was not typeset.
+UNTYPESET_TEX = r"""selector => [...document.querySelectorAll(selector)].map(root => {
+    const copy = root.cloneNode(true);
+    copy.querySelectorAll('code, pre, mjx-container, script, style').forEach(e => e.remove());
+    return copy.textContent; }).join('\n').match(/\$|\\\(|\\\[/g) || []"""
+
+
+def typeset_problems(page: Page, where: str, selector: str) -> list[str]:
+    """Wait for MathJax to typeset the page; what it could not typeset or showed as an error."""
+    if page.locator(f'script[src^="{MATHJAX_CDN}"]').count() == 0:
+        return []                               # a page without math loads no MathJax
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+    page.evaluate("() => MathJax.startup.promise")
+    problems = []
+    errors = page.locator("mjx-merror").all_text_contents()
+    if errors:
+        problems.append(f"{where}: MathJax could not typeset {errors[:3]}")
+    left = page.evaluate(UNTYPESET_TEX, selector)
+    if left:
+        problems.append(f"{where}: {len(left)} pieces of TeX are shown as source, not typeset")
+    return problems
 
 
 def test_every_notebook_is_in_the_toc():
@@ -218,18 +263,10 @@ def test_book_in_browser(site: str):
     problems: list[str] = []
     blocked: list[str] = []
 
-    def only_the_site(route):
-        url = route.request.url
-        if url.startswith(site) or url.startswith("data:"):
-            route.continue_()
-        else:
-            blocked.append(url)
-            route.abort()
-
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.route("**/*", only_the_site)
+        context.route("**/*", offline(site, blocked))
         page = context.new_page()
         page.on("pageerror", lambda exc: problems.append(f"{page.url}: script error {exc}"))
 
@@ -274,6 +311,7 @@ def test_book_in_browser(site: str):
             if repo not in sources or not any(s.startswith(f"{repo}/issues/new") for s in sources):
                 problems.append(f"{rel}: repository and issue buttons missing, found {sources}")
             if number == 0:  # the top of the page, with the launch menu open
+                typeset_problems(page, str(rel), "article.bd-article")
                 page.screenshot(path=SCREENSHOTS / f"{notebook.stem}.png")
             count, broken = check_images(page, str(rel))
             problems += broken
@@ -294,6 +332,7 @@ def test_book_in_browser(site: str):
             visible, text = article.inner_text(), plain_quotes(article.text_content())
             if markup_shown(visible):
                 problems.append(f"{rel}: shows MyST markup {markup_shown(visible)}")
+            problems += typeset_problems(page, rel, "article.bd-article")
             missing = [v for v in expected_glue(path) if plain_quotes(v) not in text]
             if missing:
                 problems.append(f"{rel}: the pasted values {missing} are not on the page")
@@ -309,8 +348,7 @@ def test_book_in_browser(site: str):
                 problems.append(f"book/bibliography.html has no #{portable.cite_anchor(key)}")
         browser.close()
 
-    required = sorted({u for u in blocked if not u.startswith(OPTIONAL_EXTERNAL)})
-    assert not required, f"pages fetch from outside the site: {required}"
+    assert not blocked, f"pages fetch from outside the site: {sorted(set(blocked))}"
     assert not problems, "\n".join(problems)
 
 
@@ -322,7 +360,8 @@ def portable_site() -> Iterator[str]:
 
     out = ROOT / "_build" / "portable"
     out.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="portable", extra_template_basedirs=[str(ROOT / "book" / "nbconvert")])
+    exporter = HTMLExporter(template_name="portable", extra_template_basedirs=[str(ROOT / "book" / "nbconvert")],
+                            mathjax_url=f"{MATHJAX_CDN}tex-mml-chtml.js")
     for source in portable.lessons():
         nb = nbformat.read(portable.portable_path(source), as_version=4)
         for cell in nb.cells:   # glue records have no mime type Jupyter renders: it shows nothing for them
@@ -335,15 +374,16 @@ def portable_site() -> Iterator[str]:
 
 @pytest.mark.slow
 def test_portable_lessons_in_browser(portable_site: str):
-    """What a student who opens a portable lesson in Jupyter sees. External requests (nbconvert's
-    pages load MathJax and require.js from a CDN) are blocked: the text is checked as it is."""
+    """What a student who opens a portable lesson in Jupyter sees, its math typeset by MathJax 3 as
+    JupyterLab does. Other external requests (nbconvert's pages load require.js from a CDN, which
+    these pages do not need) are blocked."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
+    blocked: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
-            (portable_site, "data:")) else route.abort())
+        context.route("**/*", offline(portable_site, blocked))
         page = context.new_page()
         for number, source in enumerate(portable.lessons()):
             name = f"portable/{source.name}"
@@ -353,6 +393,7 @@ def test_portable_lessons_in_browser(portable_site: str):
             text = "\n".join(markdown.all_text_contents())
             if markup_shown(visible) or markup_shown(text):
                 problems.append(f"{name}: shows MyST markup {markup_shown(visible) or markup_shown(text)}")
+            problems += typeset_problems(page, name, ".jp-RenderedMarkdown")
             missing = [v for v in expected_glue(source) if v not in text]
             if missing:
                 problems.append(f"{name}: the values the site pastes, {missing}, are not on the page")
