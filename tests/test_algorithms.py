@@ -36,7 +36,7 @@ from fedlib.seeds import noise_generator, sampling_rng, shuffle_generator
 from fedlib.server import initial_model
 from tests.helpers import U64, sgd_by_hand
 
-ROUNDS = 4
+ROUNDS = 5
 
 
 def data64(n: int = 200, seed: int = 0) -> Dataset:
