@@ -131,10 +131,11 @@ def offline(allowed: str, blocked: list[str]):
     anything else is recorded in ``blocked`` and refused."""
     def route(route) -> None:
         url = route.request.url
+        local = MATHJAX / url.removeprefix(MATHJAX_CDN).split("?")[0] if url.startswith(MATHJAX_CDN) else None
         if url.startswith((allowed, "data:")):
             route.continue_()
-        elif url.startswith(MATHJAX_CDN) and (MATHJAX / url.removeprefix(MATHJAX_CDN).split("?")[0]).is_file():
-            route.fulfill(path=MATHJAX / url.removeprefix(MATHJAX_CDN).split("?")[0])
+        elif local is not None and local.is_file():
+            route.fulfill(path=local)
         else:
             blocked.append(url)
             route.abort()
